@@ -1,0 +1,128 @@
+"""The layer stack every family shares, described by a pattern string (one character per block).
+
+"A" is a pre-norm attention block (attention then SwiGLU MLP). The Mamba-2 family adds "M" (SSM
+mixer) and "P" (attention and SSM in parallel) to the same stack, so a hybrid is a pattern, not a file.
+"""
+
+import dataclasses
+
+import jax.numpy as jnp
+from flax import nnx
+
+from archs.layers import MLP, Attention, RMSNorm
+
+BLOCK_TYPES = {"A": "attention + MLP"}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ATTN_IMPLS = ("auto", "reference", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  pattern: str = "AAAA"        # one block per character, see BLOCK_TYPES
+  d_model: int = 256
+  n_heads: int = 4
+  n_kv_heads: int = 0          # 0: as many as n_heads (plain multi-head attention)
+  head_dim: int = 0            # 0: d_model // n_heads
+  d_ff: int = 0                # 0: 8/3 d_model rounded up to a multiple of 64
+  vocab_size: int = 0          # 0: the tokenizer's vocabulary size
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  causal: bool = True          # False gives the bidirectional backbone text diffusion needs
+  attn_impl: str = "auto"      # kernels.attention impl
+  dtype: str = "float32"       # compute dtype of activations and matmuls
+  param_dtype: str = "float32"
+  init_std: float = 0.02
+
+  @property
+  def kv_heads(self):
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def dim_head(self):
+    return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def ffn_dim(self):
+    return self.d_ff or -(-8 * self.d_model // 3 // 64) * 64
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def weight_dtype(self):
+    return DTYPES[self.param_dtype]
+
+  def validate(self):
+    """Raises ValueError naming the first bad field, its value and what would be valid."""
+    bad = sorted(set(self.pattern) - set(BLOCK_TYPES))
+    if not self.pattern or bad:
+      raise ValueError(f"pattern={self.pattern!r}: unknown block {bad or 'none given'}; valid: {BLOCK_TYPES}")
+    for name in ("d_model", "n_heads"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"{name}={getattr(self, name)}: must be positive")
+    if self.n_heads % self.kv_heads:
+      raise ValueError(f"n_kv_heads={self.n_kv_heads}: must divide n_heads={self.n_heads}")
+    if not self.head_dim and self.d_model % self.n_heads:
+      raise ValueError(f"n_heads={self.n_heads}: must divide d_model={self.d_model} (or set head_dim)")
+    if self.dim_head % 2:
+      raise ValueError(f"head_dim={self.dim_head}: must be even for rotary embeddings")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(f"{name}={getattr(self, name)!r}: valid: {sorted(DTYPES)}")
+    if self.attn_impl not in ATTN_IMPLS:
+      raise ValueError(f"attn_impl={self.attn_impl!r}: valid: {ATTN_IMPLS}")
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, kind, cfg, rngs):
+    out_std = cfg.init_std / (2 * len(cfg.pattern)) ** 0.5  # GPT-2: keep the residual stream's variance flat
+    norm = lambda: RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+    self.kind = kind
+    self.mixer_norm = norm()
+    self.mixer = Attention(cfg, rngs, out_std=out_std)
+    self.mlp_norm = norm()
+    self.mlp = MLP(cfg, rngs, out_std=out_std)
+
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL=None, cache=None, cache_index=None):
+    h, cache = self.mixer(self.mixer_norm(x_BLD), positions_BL, segment_ids_BL, cache, cache_index)
+    x_BLD = x_BLD + h
+    return x_BLD + self.mlp(self.mlp_norm(x_BLD)), cache
+
+
+class Backbone(nnx.Module):
+  """The block stack and final norm: (b, l, d) embeddings in, normed (b, l, d) hidden states out."""
+
+  def __init__(self, cfg, rngs):
+    self.blocks = nnx.List([Block(kind, cfg, rngs) for kind in cfg.pattern])
+    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL=None, cache=None, cache_index=None):
+    new_cache = []
+    for i, block in enumerate(self.blocks):
+      x_BLD, layer_cache = block(x_BLD, positions_BL, segment_ids_BL, None if cache is None else cache[i],
+                                 cache_index)
+      new_cache.append(layer_cache)
+    return self.final_norm(x_BLD), (None if cache is None else new_cache)
+
+
+def init_cache(cfg, batch_size, max_len):
+  """Empty per-block decode state: a KV cache for each attention block."""
+  shape = (batch_size, max_len, cfg.kv_heads, cfg.dim_head)
+  return [{"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
+          for _ in cfg.pattern]
+
+
+def forward_flops_per_token(cfg, seq_len):
+  """Matmul FLOPs of one forward pass per token (2 per multiply-add), attention over all seq_len keys.
+
+  Counts what the reference and XLA attention compute (the full score matrix, masked afterwards);
+  elementwise work (norms, softmax, activations) is left out, as in the usual 6N accounting.
+  """
+  d, h, hk, hd, f = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_head, cfg.ffn_dim
+  attn = 2 * d * hd * (2 * h + 2 * hk) + 2 * 2 * seq_len * h * hd
+  mlp = 2 * 3 * d * f
+  return len(cfg.pattern) * (attn + mlp)

@@ -1,0 +1,83 @@
+"""Building blocks shared by every family: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU."""
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from flax import nnx
+
+import kernels
+
+
+def normal(std):
+  return nnx.initializers.normal(stddev=std)
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * scale, computed in float32 whatever the compute dtype."""
+
+  def __init__(self, dim, *, eps=1e-5, dtype=jnp.float32, param_dtype=jnp.float32):
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+    self.eps, self.dtype = eps, dtype
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32 * self.scale.value.astype(jnp.float32)).astype(self.dtype)
+
+
+def rope(x_BLHD, positions_BL, theta):
+  """Rotary embedding in the rotate-half convention (Llama / Hugging Face), so imported weights match."""
+  half = x_BLHD.shape[-1] // 2
+  inv_freq_F = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_BLF = positions_BL[..., None].astype(jnp.float32) * inv_freq_F
+  cos, sin = jnp.cos(angle_BLF)[:, :, None], jnp.sin(angle_BLF)[:, :, None]
+  x1, x2 = jnp.split(x_BLHD.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BLHD.dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention with RoPE; optional KV cache kept outside the module."""
+
+  def __init__(self, cfg, rngs, *, out_std):
+    d, h, hk, hd = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_head
+    lin = lambda i, o, std: nnx.Linear(i, o, use_bias=False, dtype=cfg.compute_dtype,
+                                       param_dtype=cfg.weight_dtype, kernel_init=normal(std), rngs=rngs)
+    self.q = lin(d, h * hd, cfg.init_std)
+    self.k = lin(d, hk * hd, cfg.init_std)
+    self.v = lin(d, hk * hd, cfg.init_std)
+    self.o = lin(h * hd, d, out_std)
+    self.n_heads, self.kv_heads, self.dim_head = h, hk, hd
+    self.causal, self.rope_theta, self.impl = cfg.causal, cfg.rope_theta, cfg.attn_impl
+
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL=None, cache=None, cache_index=None):
+    q = rope(rearrange(self.q(x_BLD), "b l (h d) -> b l h d", h=self.n_heads), positions_BL, self.rope_theta)
+    k = rope(rearrange(self.k(x_BLD), "b l (h d) -> b l h d", h=self.kv_heads), positions_BL, self.rope_theta)
+    v = rearrange(self.v(x_BLD), "b l (h d) -> b l h d", h=self.kv_heads)
+    if cache is not None:
+      cache = {"k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 1),
+               "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, 1)}
+    if cache is not None and x_BLD.shape[1] == 1:
+      # One decode step: attend over every written cache slot (slots <= the current position).
+      b, s = x_BLD.shape[0], cache["k"].shape[1]
+      visible_BS = (jnp.arange(s)[None] <= positions_BL[:, :1]).astype(jnp.int32)
+      out = kernels.attention(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), causal=False,
+                              segment_ids=(jnp.ones((b, 1), jnp.int32), visible_BS), impl=self.impl)
+    else:
+      # Full sequence, or a prefill that starts at an empty cache: the fresh keys are all there is.
+      out = kernels.attention(q, k, v, causal=self.causal, segment_ids=segment_ids_BL, impl=self.impl)
+    return self.o(rearrange(out, "b l h d -> b l (h d)")), cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg, rngs, *, out_std):
+    lin = lambda i, o, std: nnx.Linear(i, o, use_bias=False, dtype=cfg.compute_dtype,
+                                       param_dtype=cfg.weight_dtype, kernel_init=normal(std), rngs=rngs)
+    self.gate = lin(cfg.d_model, cfg.ffn_dim, cfg.init_std)
+    self.up = lin(cfg.d_model, cfg.ffn_dim, cfg.init_std)
+    self.down = lin(cfg.ffn_dim, cfg.d_model, out_std)
+
+  def __call__(self, x_BLD):
+    return self.down(jax.nn.silu(self.gate(x_BLD)) * self.up(x_BLD))

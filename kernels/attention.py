@@ -1,0 +1,76 @@
+"""Multi-head attention with grouped KV heads: one public op, a plain reference and an XLA path.
+
+Layout is (batch, length, heads, head_dim) for q, k and v; k and v may carry fewer heads than q
+(grouped-query attention) as long as they divide it. Masking uses a large finite negative value,
+so a row with no visible key gives a uniform average instead of NaN.
+"""
+
+import jax
+import jax.numpy as jnp
+from einops import einsum, rearrange
+
+IMPLS = ("auto", "reference", "xla")
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _check(q, k, v, causal, segment_ids, impl):
+  if impl not in IMPLS:
+    raise ValueError(f"attention: impl={impl!r} is not one of {IMPLS}")
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"attention: q, k, v must be (b, l, h, d); got {q.shape}, {k.shape}, {v.shape}")
+  if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+    raise ValueError(f"attention: k {k.shape} and v {v.shape} must match q {q.shape} in batch and head_dim")
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f"attention: q heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
+  if causal and q.shape[1] != k.shape[1]:
+    raise ValueError(f"attention: causal=True needs equal q and kv lengths; got {q.shape[1]} and {k.shape[1]}"
+                     " (mask a KV cache with segment_ids=(q_ids, kv_ids) instead)")
+  if segment_ids is not None and not isinstance(segment_ids, tuple) and q.shape[1] != k.shape[1]:
+    raise ValueError("attention: a single segment_ids array needs equal q and kv lengths; pass (q_ids, kv_ids)")
+
+
+def _mask_BTS(q_len, kv_len, causal, segment_ids):
+  """Boolean visibility mask (b or 1, T, S), or None when everything is visible."""
+  mask = None
+  if causal:
+    mask = jnp.tril(jnp.ones((q_len, kv_len), bool))[None]
+  if segment_ids is not None:
+    q_ids, kv_ids = segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
+    seg = q_ids[:, :, None] == kv_ids[:, None, :]
+    mask = seg if mask is None else mask & seg
+  return mask
+
+
+def _reference(q, k, v, causal, segment_ids, scale):
+  groups = q.shape[2] // k.shape[2]
+  q_BTKGD = rearrange(q.astype(jnp.float32), "b t (k g) d -> b t k g d", g=groups)
+  logits_BKGTS = einsum(q_BTKGD, k.astype(jnp.float32), "b t k g d, b s k d -> b k g t s") * scale
+  mask = _mask_BTS(q.shape[1], k.shape[1], causal, segment_ids)
+  if mask is not None:
+    logits_BKGTS = jnp.where(mask[:, None, None], logits_BKGTS, _MASK_VALUE)
+  probs = jax.nn.softmax(logits_BKGTS, axis=-1)
+  out = einsum(probs, v.astype(jnp.float32), "b k g t s, b s k d -> b t k g d")
+  return rearrange(out, "b t k g d -> b t (k g) d").astype(q.dtype)
+
+
+def _xla(q, k, v, causal, segment_ids, scale):
+  mask = _mask_BTS(q.shape[1], k.shape[1], causal, segment_ids)
+  return jax.nn.dot_product_attention(
+      q, k, v, mask=None if mask is None else mask[:, None], scale=scale, implementation="xla")
+
+
+def attention(q, k, v, *, causal, segment_ids=None, softmax_scale=None, impl="auto"):
+  """softmax(q k^T * scale + mask) v with grouped KV heads.
+
+  q: (b, T, h, d); k, v: (b, S, hk, d) with h % hk == 0.
+  causal: query i sees keys j <= i (needs T == S).
+  segment_ids: (b, T) ints (tokens see only their own segment), or a pair (q_ids (b, T), kv_ids (b, S))
+    e.g. to mask the unwritten slots of a KV cache.
+  softmax_scale: defaults to d ** -0.5.
+  impl: "reference" (plain f32 einsums), "xla" (jax.nn.dot_product_attention), "auto" (best for backend).
+  """
+  _check(q, k, v, causal, segment_ids, impl)
+  scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+  if impl == "reference":
+    return _reference(q, k, v, causal, segment_ids, scale)
+  return _xla(q, k, v, causal, segment_ids, scale)
