@@ -1,0 +1,299 @@
+"""Mamba-2 state-space-duality (SSD) scan.
+
+This is the sequence-mixing core of a Mamba-2 layer: a selective linear
+recurrence over time, per batch element and head,
+
+  h_t = exp(dt_t * A) * h_{t-1} + dt_t * x_t B_t^T        (state h: (p, n))
+  y_t = h_t C_t + D * x_t,        then  y_t * silu(z_t)  if z is given,
+
+with the argument layout of mamba_ssm's ``mamba_chunk_scan_combined`` so that
+weights and call sites port over unchanged. ``ssd`` is the single entry point;
+``impl`` picks the algorithm:
+
+* ``"reference"``: the recurrence above, one ``lax.scan`` step per token. Slow,
+  but simple enough to be trusted; the other paths are tested against it.
+* ``"xla"``: the chunked SSD algorithm of the Mamba-2 paper. Inside each chunk
+  the recurrence is unrolled into a masked, attention-like quadratic form
+  (matmuls, which is what accelerators are good at); only one state per chunk is
+  carried across chunks, so work is linear in the length.
+* ``"auto"``: the best available path (``"xla"`` for now; a Pallas kernel will
+  be dispatched from here).
+
+Packed documents (``seq_idx``). The state is reset to zero wherever ``seq_idx``
+changes between consecutive positions, so no information flows between
+documents. ``initial_states`` seeds only the leading document (the positions
+before the first change), and ``final_states`` is the state at the last
+position, i.e. of the last document. mamba_ssm instead compares against
+``seq_idx == 0`` (its initial states only reach positions whose seq_idx is 0,
+at chunk granularity); for its convention of non-decreasing ids starting at 0
+the two agree. Reset-on-change was chosen because it does not depend on the
+numbering (ids need not start at 0 or increase) and is exact at token, not
+chunk, granularity.
+
+Contract on values: ``A`` negative and the processed ``dt`` non-negative, so
+every decay factor is in (0, 1]. The chunked path clamps decay exponents at 0
+to stay finite in any case; outside the contract it then differs from the
+reference.
+
+All arithmetic is float32 whatever the input dtype; ``y`` is returned in
+``x``'s dtype and ``final_states`` in float32. Gradients come from autodiff and
+are kept finite for extreme inputs (huge ``dt``, ``|A|``, long sequences) by
+never evaluating an ``exp`` that could overflow, even in a branch that a
+``where`` later discards.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from einops import einsum, rearrange
+
+IMPLS = ("auto", "reference", "xla")
+
+# Same threshold as torch.nn.functional.softplus / mamba_ssm: above it,
+# softplus(x) == x to float32 precision.
+_SOFTPLUS_THRESHOLD = 20.0
+
+
+def _softplus(x):
+  # The inner minimum keeps exp finite in the branch that where() discards:
+  # otherwise its gradient is inf/inf = NaN, and NaN * 0 is still NaN.
+  safe = jnp.minimum(x, _SOFTPLUS_THRESHOLD)
+  return jnp.where(x > _SOFTPLUS_THRESHOLD, x, jnp.log1p(jnp.exp(safe)))
+
+
+def _shape_error(name, got, expected):
+  return ValueError(f"ssd: {name} has shape {tuple(got)}, expected {expected}")
+
+
+def _check_shapes(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx):
+  if x.ndim != 4:
+    raise _shape_error("x", x.shape, "(batch, seqlen, nheads, headdim)")
+  b, l, h, p = x.shape
+  if dt.shape != (b, l, h):
+    raise _shape_error("dt", dt.shape, f"(batch, seqlen, nheads) = {(b, l, h)}")
+  if A.shape != (h,):
+    raise _shape_error("A", A.shape, f"(nheads,) = {(h,)}")
+  if B.ndim != 4 or B.shape[:2] != (b, l):
+    raise _shape_error("B", B.shape, f"(batch, seqlen, ngroups, dstate) with batch, seqlen = {(b, l)}")
+  g, n = B.shape[2:]
+  if g == 0 or h % g != 0:
+    raise ValueError(f"ssd: nheads={h} (x.shape[2]) must be divisible by ngroups={g} (B.shape[2])")
+  if C.shape != B.shape:
+    raise _shape_error("C", C.shape, f"the shape of B, {tuple(B.shape)}")
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"ssd: chunk_size must be a positive int, got {chunk_size!r}")
+  if D is not None and D.shape not in ((h,), (h, p)):
+    raise _shape_error("D", D.shape, f"(nheads,) = {(h,)} or (nheads, headdim) = {(h, p)}")
+  if z is not None and z.shape != x.shape:
+    raise _shape_error("z", z.shape, f"the shape of x, {tuple(x.shape)}")
+  if dt_bias is not None and dt_bias.shape != (h,):
+    raise _shape_error("dt_bias", dt_bias.shape, f"(nheads,) = {(h,)}")
+  if initial_states is not None and initial_states.shape != (b, h, p, n):
+    raise _shape_error("initial_states", initial_states.shape,
+                       f"(batch, nheads, headdim, dstate) = {(b, h, p, n)}")
+  if seq_idx is not None:
+    if seq_idx.shape != (b, l):
+      raise _shape_error("seq_idx", seq_idx.shape, f"(batch, seqlen) = {(b, l)}")
+    if not jnp.issubdtype(seq_idx.dtype, jnp.integer):
+      raise ValueError(f"ssd: seq_idx must have an integer dtype, got {seq_idx.dtype}")
+
+
+def _document_ids(seq_idx):
+  """Renumber seq_idx as 0, 1, 2, ... counting changes between neighbours.
+
+  Both paths then only need "same id" tests, and ids are non-decreasing, so
+  two positions with equal ids have no document start between them.
+  """
+  changed_BL = (seq_idx[:, 1:] != seq_idx[:, :-1]).astype(jnp.int32)
+  return jnp.pad(jnp.cumsum(changed_BL, axis=1), ((0, 0), (1, 0)))
+
+
+@functools.partial(
+    jax.jit, static_argnames=("chunk_size", "dt_softplus", "dt_limit", "return_final_states", "impl"))
+def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
+        dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False, impl="auto"):
+  """Mamba-2 SSD scan (see the module docstring for the recurrence).
+
+  Args:
+    x: (batch, seqlen, nheads, headdim) input.
+    dt: (batch, seqlen, nheads) raw step sizes, before ``dt_bias``/softplus.
+    A: (nheads,) negative decay rates.
+    B, C: (batch, seqlen, ngroups, dstate); head i uses group i // (nheads // ngroups).
+    chunk_size: chunk length of the chunked algorithm (any seqlen is fine).
+    D: optional (nheads,) or (nheads, headdim) skip connection.
+    z: optional (batch, seqlen, nheads, headdim) gate: y * silu(z).
+    dt_bias: optional (nheads,) added to dt before the softplus.
+    initial_states: optional (batch, nheads, headdim, dstate) state before position 0.
+    seq_idx: optional (batch, seqlen) int document ids; the state is reset where it changes.
+    dt_softplus: apply softplus (threshold 20) to dt + dt_bias.
+    dt_limit: (lo, hi) clamp of dt after the softplus.
+    return_final_states: also return the state after the last position.
+    impl: "auto", "reference" or "xla".
+
+  Returns:
+    y (batch, seqlen, nheads, headdim) in x's dtype, or (y, final_states) with
+    final_states (batch, nheads, headdim, dstate) float32.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"ssd: unknown impl {impl!r}; valid choices are {IMPLS}")
+  _check_shapes(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx)
+  if impl == "auto":
+    # Pallas kernels (GPU/TPU) will be selected here, falling back to XLA.
+    impl = "xla"
+
+  f32 = jnp.float32
+  x_BLHP = x.astype(f32)
+  dt_BLH = dt.astype(f32)
+  if dt_bias is not None:
+    dt_BLH = dt_BLH + dt_bias.astype(f32)
+  if dt_softplus:
+    dt_BLH = _softplus(dt_BLH)
+  # Skipped at the default so that the clip cannot halve gradients at dt == 0.
+  if tuple(dt_limit) != (0.0, float("inf")):
+    dt_BLH = jnp.clip(dt_BLH, dt_limit[0], dt_limit[1])
+  A_H = A.astype(f32)
+  B_BLGN = B.astype(f32)
+  C_BLGN = C.astype(f32)
+  b, _, h, p = x.shape
+  n = B.shape[-1]
+  h0_BHPN = jnp.zeros((b, h, p, n), f32) if initial_states is None else initial_states.astype(f32)
+  doc_BL = None if seq_idx is None else _document_ids(seq_idx)
+
+  if impl == "reference":
+    y_BLHP, final_BHPN = _ssd_reference(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, h0_BHPN, doc_BL)
+  else:
+    y_BLHP, final_BHPN = _ssd_chunked(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, h0_BHPN, doc_BL, chunk_size)
+
+  if D is not None:
+    D = D.astype(f32)
+    y_BLHP = y_BLHP + x_BLHP * (D[:, None] if D.ndim == 1 else D)
+  if z is not None:
+    y_BLHP = y_BLHP * jax.nn.silu(z.astype(f32))
+  y = y_BLHP.astype(x.dtype)
+  return (y, final_BHPN) if return_final_states else y
+
+
+def _ssd_reference(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, h0_BHPN, doc_BL):
+  """Token-by-token recurrence; the ground truth for the other paths."""
+  b, l, h, p = x_BLHP.shape
+  g = B_BLGN.shape[2]
+  B_BLHN = jnp.repeat(B_BLGN, h // g, axis=2)
+  C_BLHN = jnp.repeat(C_BLGN, h // g, axis=2)
+  decay_BLH = jnp.exp(dt_BLH * A_H)
+  if doc_BL is None:
+    reset_BL = jnp.zeros((b, l), bool)
+  else:
+    reset_BL = jnp.pad(doc_BL[:, 1:] != doc_BL[:, :-1], ((0, 0), (1, 0)))
+
+  def step(h_BHPN, inputs):
+    x_BHP, dt_BH, decay_BH, B_BHN, C_BHN, reset_B = inputs
+    h_BHPN = jnp.where(reset_B[:, None, None, None], 0.0, h_BHPN)
+    h_BHPN = (decay_BH[:, :, None, None] * h_BHPN
+              + einsum(dt_BH[:, :, None] * x_BHP, B_BHN, "b h p, b h n -> b h p n"))
+    return h_BHPN, einsum(h_BHPN, C_BHN, "b h p n, b h n -> b h p")
+
+  time_major = [jnp.moveaxis(a, 1, 0) for a in (x_BLHP, dt_BLH, decay_BLH, B_BLHN, C_BLHN, reset_BL)]
+  final_BHPN, y_LBHP = jax.lax.scan(step, h0_BHPN, time_major)
+  return jnp.moveaxis(y_LBHP, 0, 1), final_BHPN
+
+
+def _segsum(dA_Q):
+  """segsum[..., i, j] = sum of dA over (j, i] for i >= j, and 0 for i < j.
+
+  Summing the masked terms directly instead of differencing a running
+  cumsum avoids cancellation: cumsum(dA)[i] - cumsum(dA)[j] loses all
+  precision in a small difference of two large sums (a long, strongly
+  decaying chunk), which would show up as error in exp(segsum) ~ 1.
+  """
+  q = dA_Q.shape[-1]
+  below_diag_QQ = jnp.tril(jnp.ones((q, q), bool), k=-1)
+  terms_QQ = jnp.where(below_diag_QQ, dA_Q[..., :, None], 0.0)
+  return jnp.cumsum(terms_QQ, axis=-2)
+
+
+def _ssd_chunked(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, h0_BHPN, doc_BL, chunk_size):
+  """Chunked SSD: quadratic within chunks, a recurrence over chunk states."""
+  b, l, h, p = x_BLHP.shape
+  g = B_BLGN.shape[2]
+  q = chunk_size
+  nchunks = max(1, math.ceil(l / q))
+  pad = nchunks * q - l
+  if pad:
+    # dt = 0 makes a padded step the identity (decay 1, no input), so the
+    # final state is untouched; the padded outputs are sliced off below.
+    zero_pad = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+    x_BLHP, dt_BLH, B_BLGN, C_BLGN = map(zero_pad, (x_BLHP, dt_BLH, B_BLGN, C_BLGN))
+    if doc_BL is not None:
+      doc_BL = jnp.pad(doc_BL, ((0, 0), (0, pad)), mode="edge")
+
+  # Heads are split as (group, head-in-group) so B and C are never repeated
+  # per head: less memory, and their gradients need no reduction over heads.
+  x_BCQGRP = rearrange(x_BLHP, "b (c q) (g r) p -> b c q g r p", q=q, g=g)
+  dt_BCGRQ = rearrange(dt_BLH, "b (c q) (g r) -> b c g r q", q=q, g=g)
+  A_GR = rearrange(A_H, "(g r) -> g r", g=g)
+  B_BCQGN = rearrange(B_BLGN, "b (c q) g n -> b c q g n", q=q)
+  C_BCQGN = rearrange(C_BLGN, "b (c q) g n -> b c q g n", q=q)
+  dA_BCGRQ = dt_BCGRQ * A_GR[:, :, None]
+
+  causal_QQ = jnp.tril(jnp.ones((q, q), bool))
+  if doc_BL is None:
+    keep_BC11QQ = causal_QQ
+  else:
+    doc_BCQ = rearrange(doc_BL, "b (c q) -> b c q", q=q)
+    same_doc_BCQQ = doc_BCQ[:, :, :, None] == doc_BCQ[:, :, None, :]
+    keep_BC11QQ = (causal_QQ & same_doc_BCQQ)[:, :, None, None]
+  # Clamp, then mask: exp sees only finite exponents <= 0, so neither it nor
+  # its gradient can overflow, and masked entries get a zero cotangent.
+  L_BCGRQQ = jnp.where(keep_BC11QQ, jnp.exp(jnp.minimum(_segsum(dA_BCGRQ), 0.0)), 0.0)
+
+  # 1. Within each chunk: y_i = sum_{j <= i} (C_i . B_j) L_ij dt_j x_j.
+  CB_BCGQQ = einsum(C_BCQGN, B_BCQGN, "b c i g n, b c j g n -> b c g i j")
+  M_BCGRQQ = CB_BCGQQ[:, :, :, None] * L_BCGRQQ * dt_BCGRQ[..., None, :]
+  y_diag_BCQGRP = einsum(M_BCGRQQ, x_BCQGRP, "b c g r i j, b c j g r p -> b c i g r p")
+
+  # 2. Each chunk's own contribution to the state at its end. The last row
+  # of L is exactly the decay from each position to the chunk end, already
+  # masked to the chunk's last document.
+  weight_BCGRQ = L_BCGRQQ[..., -1, :] * dt_BCGRQ
+  states_BCGRPN = einsum(B_BCQGN, weight_BCGRQ, x_BCQGRP,
+                         "b c j g n, b c g r j, b c j g r p -> b c g r p n")
+
+  # 3. Pass states across chunks. A sequential scan over the nchunks chunk
+  # states is linear in length; the segsum-matrix alternative costs
+  # nchunks^2 * p * n per head, which dominates at long lengths on CPU.
+  chunk_decay_BCGR = jnp.exp(jnp.minimum(dA_BCGRQ.sum(-1), 0.0))
+  if doc_BL is not None:
+    # The document that is live entering chunk c is the one at the end of
+    # chunk c-1 (the leading document for c = 0, which initial_states seed).
+    doc_end_BC = doc_BCQ[:, :, -1]
+    doc_enter_BC = jnp.concatenate([doc_BCQ[:, :1, 0], doc_end_BC[:, :-1]], axis=1)
+    # Monotone ids: the entering state survives the whole chunk iff the
+    # chunk ends in the same document.
+    chunk_decay_BCGR = jnp.where((doc_end_BC == doc_enter_BC)[:, :, None, None], chunk_decay_BCGR, 0.0)
+    enter_doc_BCQ = doc_BCQ == doc_enter_BC[:, :, None]
+  # Decay from the chunk start through position i (inclusive): how much of
+  # the entering state reaches y_i. A plain cumsum is fine here: the terms
+  # all have one sign, so there is no cancellation.
+  enter_decay_BCGRQ = jnp.exp(jnp.minimum(jnp.cumsum(dA_BCGRQ, axis=-1), 0.0))
+  if doc_BL is not None:
+    enter_decay_BCGRQ = jnp.where(enter_doc_BCQ[:, :, None, None], enter_decay_BCGRQ, 0.0)
+
+  def pass_state(state_BGRPN, inputs):
+    decay_BGR, new_BGRPN = inputs
+    return decay_BGR[..., None, None] * state_BGRPN + new_BGRPN, state_BGRPN
+
+  h0_BGRPN = rearrange(h0_BHPN, "b (g r) p n -> b g r p n", g=g)
+  final_BGRPN, enter_CBGRPN = jax.lax.scan(
+      pass_state, h0_BGRPN,
+      (jnp.moveaxis(chunk_decay_BCGR, 1, 0), jnp.moveaxis(states_BCGRPN, 1, 0)))
+
+  # 4. Entering state to outputs: y_i += decay(start..i) * (state . C_i).
+  y_off_BCQGRP = einsum(C_BCQGN, enter_CBGRPN, enter_decay_BCGRQ,
+                        "b c i g n, c b g r p n, b c g r i -> b c i g r p")
+
+  y_BLHP = rearrange(y_diag_BCQGRP + y_off_BCQGRP, "b c q g r p -> b (c q) (g r) p")
+  return y_BLHP[:, :l], rearrange(final_BGRPN, "b g r p n -> b (g r) p n")

@@ -1,0 +1,113 @@
+"""The `altbench` command: train | eval RUN | sample RUN | report RUN...
+
+Exit codes: 0 done, 2 bad config, data or run directory, 3 non-finite loss, 130 interrupted (resumable).
+"""
+
+import argparse
+import os
+import sys
+
+
+def _setup_jax(args):
+  """Device flags must be set before JAX initialises its backend."""
+  import jax
+  if getattr(args, "cpu_devices", None):
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+  if getattr(args, "num_processes", None):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                               process_id=args.process_id)
+  elif os.environ.get("ALTBENCH_DISTRIBUTED") == "1":
+    jax.distributed.initialize()  # cluster auto-detection: SLURM, TPU pods, Open MPI, Kubernetes
+
+
+def cmd_train(args):
+  from train import config, loop
+  cfg = config.apply_overrides(config.load_experiment(args.experiment), args.set or [])
+  config.validate(cfg)
+  name = os.path.splitext(os.path.basename(args.experiment.split(":")[0]))[0]
+  variant = args.experiment.partition(":")[2]
+  workdir = args.workdir or os.path.join("runs", f"{name}-{variant}" if variant else name)
+  _setup_jax(args)
+  loop.train(cfg, workdir)
+
+
+def cmd_eval(args):
+  from train import loop
+  _setup_jax(args)
+  cfg, family, corpus, graphdef, state, mesh_, step = loop.load_run(args.run)
+  result = loop.evaluate(family, graphdef, state, corpus, cfg, mesh_)
+  print({"step": step, **result})
+
+
+def cmd_sample(args):
+  from train import loop
+  _setup_jax(args)
+  cfg, family, corpus, graphdef, state, mesh_, _ = loop.load_run(args.run)
+  pairs = loop.sample_texts(family, graphdef, state, corpus, cfg, args.n, args.length, seed=args.seed,
+                            prompt=args.prompt, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+  for prompt, continuation in pairs:
+    print(f"{prompt}{continuation}\n---")
+
+
+def cmd_report(args):
+  from train import report
+  print(report.report(args.runs, args.png))
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog="altbench", description="Alternative LM architectures bench")
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("train", help="train (or resume) an experiment in a run directory")
+  p.add_argument("experiment", help="experiments/<name>.py[:variant]")
+  p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config field")
+  p.add_argument("--workdir", help="run directory (default runs/<name>-<variant>)")
+  p.add_argument("--coordinator", help="multi-process: coordinator host:port")
+  p.add_argument("--num-processes", type=int, help="multi-process: number of processes")
+  p.add_argument("--process-id", type=int, help="multi-process: this process's index")
+  p.set_defaults(func=cmd_train)
+
+  p = sub.add_parser("eval", help="held-out loss and bits per byte of a run's latest checkpoint")
+  p.add_argument("run")
+  p.set_defaults(func=cmd_eval)
+
+  p = sub.add_parser("sample", help="generate text from a run's latest checkpoint")
+  p.add_argument("run")
+  p.add_argument("--prompt", default=None, help="prompt text (default: openings of held-out documents)")
+  p.add_argument("--n", type=int, default=1)
+  p.add_argument("--length", type=int, default=200, help="new tokens per sample")
+  p.add_argument("--temperature", type=float, default=0.8)
+  p.add_argument("--top-k", type=int, default=0)
+  p.add_argument("--top-p", type=float, default=0.95)
+  p.add_argument("--seed", type=int, default=0)
+  p.set_defaults(func=cmd_sample)
+
+  p = sub.add_parser("report", help="table of runs' final metrics and a plot against FLOPs")
+  p.add_argument("runs", nargs="+")
+  p.add_argument("--png", default="altbench_report.png", help="where to write the plot")
+  p.set_defaults(func=cmd_report)
+
+  for p in sub.choices.values():
+    p.add_argument("--cpu-devices", type=int, help="simulate this many CPU devices (jax_num_cpu_devices)")
+
+  args = parser.parse_args(argv)
+  from train.config import ConfigError
+  from train.data import DataError
+  from train.loop import Interrupted, NonFiniteLoss
+  try:
+    args.func(args)
+  except (ConfigError, DataError, FileNotFoundError) as e:
+    print(f"altbench: error: {e}", file=sys.stderr)
+    return 2
+  except NonFiniteLoss as e:
+    print(f"altbench: error: {e}", file=sys.stderr)
+    return 3
+  except Interrupted as e:
+    print(f"altbench: {e}", file=sys.stderr)
+    return 130
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

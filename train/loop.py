@@ -1,0 +1,271 @@
+"""The training loop every family shares: resolve config, data, sharded state, step, eval, checkpoints, samples.
+
+A run directory holds config.json, metrics.jsonl, checkpoints/, samples/ and data/. Running the same
+command on it again resumes from the newest readable checkpoint; batches depend only on (seed, step),
+so the resumed losses equal those of an uninterrupted run.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+import archs
+from train import checkpoint, config, data, mesh, metrics, step
+
+
+class NonFiniteLoss(RuntimeError):
+  pass
+
+
+class Interrupted(RuntimeError):
+  pass
+
+
+def versions():
+  import flax
+  import optax
+  import orbax.checkpoint
+  return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+          "orbax": orbax.checkpoint.__version__, "python": platform.python_version(),
+          "backend": jax.default_backend(), "devices": jax.device_count(), "processes": jax.process_count(),
+          "device_kind": jax.devices()[0].device_kind}
+
+
+def resolve(cfg, workdir):
+  """Validate, load the corpus, fill the vocabulary size; refuse to resume a directory with another config.
+
+  Raises ConfigError / DataError before anything is written to workdir (a BPE tokenizer is trained and
+  cached only once the config is known to be valid and compatible).
+  """
+  config.validate(cfg)
+  saved_path = os.path.join(workdir, "config.json")
+  saved = json.load(open(saved_path))["config"] if os.path.exists(saved_path) else None
+  corpus = data.load_corpus(cfg.data, workdir if saved is not None else None)
+  if cfg.model.vocab_size == 0:
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=corpus.tokenizer.vocab_size))
+  elif cfg.model.vocab_size < corpus.tokenizer.vocab_size:
+    raise config.ConfigError(f"model.vocab_size={cfg.model.vocab_size}: smaller than the tokenizer's "
+                             f"{corpus.tokenizer.vocab_size} (use 0 to take the tokenizer's)")
+  if saved is not None:
+    changed = [f for f in config.diff(saved, config.to_dict(cfg)) if f not in config.RESUMABLE_CHANGES]
+    if changed:
+      raise config.ConfigError(f"{workdir} holds a run with a different config ({', '.join(changed)}); "
+                               "use another --workdir or the same settings to resume")
+  return cfg, corpus
+
+
+def abstract_state(family, cfg, tx, mesh_):
+  """(graphdef, abstract state with shardings, shardings, init fn) without allocating any parameter."""
+  holder = {}
+
+  def init():
+    holder["graphdef"], state = step.init_state(family, cfg.model, tx, cfg.train.seed)
+    return state
+
+  shapes = jax.eval_shape(init)
+  shardings = mesh.state_shardings(mesh_, shapes)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+  return holder["graphdef"], abstract, shardings, init
+
+
+def load_run(workdir):
+  """(cfg, family, corpus, graphdef, state, mesh) of a finished or running run directory, for eval/sample/probe."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir} is not a run directory (no config.json)")
+  cfg = config.from_dict(json.load(open(path))["config"])
+  family = archs.get_family(cfg.family)
+  corpus = data.load_corpus(cfg.data, workdir)
+  mesh_ = mesh.make_mesh(cfg.mesh)
+  tx = step.make_optimizer(cfg.train)
+  graphdef, abstract, _, _ = abstract_state(family, cfg, tx, mesh_)
+  ckpt = checkpoint.Checkpointer(workdir, cfg.train.keep_checkpoints)
+  restored_step, state = ckpt.restore(abstract)
+  ckpt.close()
+  if state is None:
+    raise FileNotFoundError(f"{workdir}/checkpoints has no readable checkpoint")
+  return cfg, family, corpus, graphdef, state, mesh_, restored_step
+
+
+def evaluate(family, graphdef, state, corpus, cfg, mesh_):
+  """Held-out loss per token and bits per byte over the fixed eval bytes."""
+  eval_fn = jax.jit(step.make_eval_step(family, graphdef))
+  sharding = mesh.batch_sharding(mesh_)
+  totals = {}
+  n_dev = jax.device_count()
+  batch_size = -(-cfg.train.batch_size // n_dev) * n_dev
+  for batch in data.eval_batches(corpus.eval, corpus.tokenizer, batch_size, cfg.data.seq_len):
+    batch = mesh.put_batch({k: v[None] for k, v in batch.items()}, sharding)
+    out = eval_fn(state["params"], state["rest"], jax.tree.map(lambda x: x[0], batch))
+    for k, v in out.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  return {"eval_loss": totals["nats"] / totals["tokens"], "eval_bpb": metrics.bits_per_byte(totals["nats"], totals["bytes"]),
+          "eval_tokens": int(totals["tokens"]), "eval_bytes": int(totals["bytes"])}
+
+
+def sample_texts(family, graphdef, state, corpus, cfg, n, length, seed=0, prompt=None, temperature=0.8, top_k=0,
+                 top_p=0.95):
+  """(prompt, continuation) pairs: from held-out document openings, or from the given prompt text."""
+  from flax import nnx
+  tok = corpus.tokenizer
+  if prompt is not None:
+    prompts = [np.concatenate([[tok.special["<eos>"]], tok.encode(prompt)])] * n
+  else:
+    starts = np.flatnonzero(corpus.eval == tok.special["<eos>"])[:n]
+    prompts = [corpus.eval[s:s + 32] for s in starts]
+    width = min(len(p) for p in prompts)
+    prompts = [p[:width] for p in prompts]
+  model = nnx.merge(graphdef, state["params"], state["rest"])
+  out = family.generate(model, np.stack(prompts), length, jax.random.key(seed), temperature=temperature,
+                        top_k=top_k, top_p=top_p)
+  out = np.asarray(out)
+  width = len(prompts[0])
+  return [(tok.decode(row[:width]), tok.decode(row[width:])) for row in out]
+
+
+def _write_samples(workdir, step_, pairs):
+  os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+  path = os.path.join(workdir, "samples", f"step_{step_:07d}.txt")
+  text = "".join(f"=== sample {i} ===\n[prompt] {p}\n[continuation] {c}\n\n" for i, (p, c) in enumerate(pairs))
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+  return text
+
+
+def train(cfg, workdir, log=print):
+  """Train (or resume) cfg in workdir. Returns the final eval metrics."""
+  cfg, corpus = resolve(cfg, workdir)
+  family = archs.get_family(cfg.family)
+  main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if main:
+    metrics.write_json_atomic(os.path.join(workdir, "config.json"), {"config": config.to_dict(cfg), "versions": versions()})
+    data.save_stats(corpus, workdir)
+    if cfg.data.tokenizer == "bpe":
+      corpus.tokenizer.save(os.path.join(workdir, "data", "tokenizer.json"))
+
+  tcfg, seq_len = cfg.train, cfg.data.seq_len
+  mesh_ = mesh.make_mesh(cfg.mesh)
+  n_dev = jax.device_count()
+  micro = tcfg.batch_size // tcfg.grad_accum
+  if micro % n_dev:
+    raise config.ConfigError(f"train.batch_size={tcfg.batch_size} / grad_accum={tcfg.grad_accum} = {micro} "
+                             f"sequences per micro-batch must be a multiple of the {n_dev} devices")
+  tx = step.make_optimizer(tcfg)
+  graphdef, abstract, shardings, init = abstract_state(family, cfg, tx, mesh_)
+  ckpt = checkpoint.Checkpointer(workdir, tcfg.keep_checkpoints)
+  start, state = ckpt.restore(abstract)
+  if state is None:
+    state = jax.jit(init, out_shardings=shardings)()
+  else:
+    log(f"altbench: resuming {workdir} from step {start}")
+  n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+  flops_per_token = family.flops_per_token(cfg.model, seq_len)
+  tokens_per_step = tcfg.batch_size * seq_len
+  if main:
+    log(f"altbench: {cfg.family} {getattr(cfg.model, 'pattern', '')} with {n_params / 1e6:.2f}M parameters; "
+        f"{tokens_per_step} tokens and {flops_per_token * tokens_per_step:.3g} FLOPs per step; "
+        f"{n_dev} device(s) mesh {dict(mesh_.shape)}; {corpus.stats['train_tokens']} train tokens")
+
+  step_fn = jax.jit(step.make_train_step(family, graphdef, tx, tcfg), donate_argnums=0,
+                    out_shardings=(shardings, None))
+  batch_sharding = mesh.batch_sharding(mesh_)
+  log_path = os.path.join(workdir, "metrics.jsonl")
+  mlog = metrics.MetricsLog(log_path, start) if main else None
+  prev_wall = (mlog.last.get("wall_s", 0.0) if mlog else 0.0)
+  prev_energy = (mlog.last.get("energy_j", 0.0) if mlog else 0.0)
+  meter = metrics.EnergyMeter(tcfg.power_w)
+  t0 = time.perf_counter()
+  meter.start(0.0)
+
+  def ledger(s):
+    wall = time.perf_counter() - t0
+    return {"step": s, "tokens": s * tokens_per_step, "flops": float(s) * tokens_per_step * flops_per_token,
+            "wall_s": prev_wall + wall, "energy_j": prev_energy + meter.joules(wall), "energy_source": meter.source}
+
+  stop = {"signal": None}
+  handlers = {sig: signal.signal(sig, lambda signum, _: stop.update(signal=signum))
+              for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+
+  def check(s, out):
+    host = {k: float(v) for k, v in out.items()}
+    bad = [k for k in ("loss", "grad_norm") if not math.isfinite(host[k])]
+    if bad:
+      raise NonFiniteLoss(f"step {s}: {bad[0]} is {host[bad[0]]}; stopped, the last good checkpoint in "
+                          f"{ckpt.directory} is step {max(ckpt.manager.all_steps(), default=0)}")
+    return host
+
+  def save(s, state_):
+    ckpt.save(s, state_)
+
+  pending = None  # (step, device metrics) of the step before, fetched after the next is dispatched
+  bar = tqdm(total=tcfg.steps, initial=start, desc=f"train {os.path.basename(workdir.rstrip('/'))}",
+             disable=not main, dynamic_ncols=True, mininterval=1.0)
+  result = {}
+  try:
+    for s in range(start, tcfg.steps):
+      batch = data.train_batch(corpus.train, corpus.tokenizer, tcfg.seed, s, tcfg.batch_size, seq_len)
+      batch = {k: v.reshape(tcfg.grad_accum, micro, *v.shape[1:]) for k, v in batch.items()}
+      rng = jax.random.fold_in(jax.random.key(tcfg.seed), s)
+      state, out = step_fn(state, mesh.put_batch(batch, batch_sharding), rng)
+      if pending is not None:
+        _log_train(pending, check, mlog, ledger, tcfg, bar)
+      pending = (s + 1, out)
+      done = s + 1
+      at_eval = tcfg.eval_every and done % tcfg.eval_every == 0 and done < tcfg.steps
+      at_ckpt = tcfg.ckpt_every and done % tcfg.ckpt_every == 0 and done < tcfg.steps
+      if at_eval or at_ckpt or stop["signal"]:
+        _log_train(pending, check, mlog, ledger, tcfg, bar)
+        pending = None
+      if at_eval:
+        ev = evaluate(family, graphdef, state, corpus, cfg, mesh_)
+        if mlog:
+          mlog.write({**ledger(done), **ev})
+        bar.write(f"step {done}: eval_loss {ev['eval_loss']:.4f} eval_bpb {ev['eval_bpb']:.4f}") if main else None
+      if at_ckpt or stop["signal"]:
+        save(done, state)
+      if stop["signal"]:
+        raise Interrupted(f"interrupted by signal {stop['signal']} at step {done}; checkpoint saved, rerun to resume")
+    if pending is not None:
+      _log_train(pending, check, mlog, ledger, tcfg, bar)
+    bar.close()
+    save(tcfg.steps, state)
+    result = evaluate(family, graphdef, state, corpus, cfg, mesh_)
+    if mlog:
+      mlog.write({**ledger(tcfg.steps), **result, "final": True})
+    if main:
+      log(f"altbench: held-out {result['eval_bpb']:.4f} bits per byte (loss {result['eval_loss']:.4f} nats/token "
+          f"over {result['eval_bytes']} bytes); energy {meter.source}")
+    if tcfg.samples:
+      pairs = sample_texts(family, graphdef, state, corpus, cfg, tcfg.samples, tcfg.sample_len, seed=tcfg.seed)
+      if main:
+        log(_write_samples(workdir, tcfg.steps, pairs))
+  finally:
+    bar.close()
+    ckpt.close()
+    if mlog:
+      mlog.close()
+    for sig, handler in handlers.items():
+      signal.signal(sig, handler)
+  return result
+
+
+def _log_train(pending, check, mlog, ledger, tcfg, bar):
+  s, out = pending
+  host = check(s, out)
+  bar.update(s - bar.n)
+  if s % tcfg.log_every == 0 or s == tcfg.steps:
+    bar.set_postfix(loss=f"{host['loss']:.4f}", refresh=False)
+    if mlog:
+      mlog.write({**ledger(s), "loss": host["loss"], "lr": host["lr"], "grad_norm": host["grad_norm"]})
