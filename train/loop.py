@@ -170,6 +170,11 @@ def train(cfg, workdir, log=print):
     state = jax.jit(init, out_shardings=shardings)()
   else:
     log(f"altbench: resuming {workdir} from step {start}")
+  final = [line for line in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if line.get("final")]
+  if start >= tcfg.steps and final:
+    ckpt.close()
+    log(f"altbench: {workdir} already finished {tcfg.steps} steps: held-out {final[-1]['eval_bpb']:.4f} bits per byte")
+    return {k: v for k, v in final[-1].items() if k.startswith("eval_")}
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   flops_per_token = family.flops_per_token(cfg.model, seq_len)
   tokens_per_step = tcfg.batch_size * seq_len
