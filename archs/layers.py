@@ -22,7 +22,7 @@ class RMSNorm(nnx.Module):
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (x32 * self.scale.value.astype(jnp.float32)).astype(self.dtype)
+    return (x32 * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
 
 def rope(x_BLHD, positions_BL, theta):

@@ -58,7 +58,7 @@ def make_train_step(family, graphdef, tx, tcfg):
     updates, opt = tx.update(grads, state["opt"], params)
     new_state = {"params": optax.apply_updates(params, updates), "rest": state["rest"], "opt": opt,
                  "step": state["step"] + 1}
-    out = {"loss": loss / n, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"]), **metrics}
+    out = {"loss": loss / n, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]), **metrics}
     return new_state, out
 
   return step
