@@ -230,57 +230,63 @@ def _ssd_chunked(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, h0_BHPN, doc_BL, chunk_siz
     if doc_BL is not None:
       doc_BL = jnp.pad(doc_BL, ((0, 0), (0, pad)), mode="edge")
 
-  # Heads are split as (group, head-in-group) so B and C are never repeated
-  # per head: less memory, and their gradients need no reduction over heads.
-  x_BCQGRP = rearrange(x_BLHP, "b (c q) (g r) p -> b c q g r p", q=q, g=g)
+  # Layout: (batch, chunk, group, head-in-group, ...) leading, so every matmul
+  # below is a plain batched matmul over those axes with no transposes of the
+  # big (chunk x chunk) tensors. Heads are split as (group, head-in-group) so
+  # B and C are shared, never repeated per head.
+  x_BCGRQP = rearrange(x_BLHP, "b (c q) (g r) p -> b c g r q p", q=q, g=g)
   dt_BCGRQ = rearrange(dt_BLH, "b (c q) (g r) -> b c g r q", q=q, g=g)
   A_GR = rearrange(A_H, "(g r) -> g r", g=g)
-  B_BCQGN = rearrange(B_BLGN, "b (c q) g n -> b c q g n", q=q)
-  C_BCQGN = rearrange(C_BLGN, "b (c q) g n -> b c q g n", q=q)
+  B_BCGQN = rearrange(B_BLGN, "b (c q) g n -> b c g q n", q=q)
+  C_BCGQN = rearrange(C_BLGN, "b (c q) g n -> b c g q n", q=q)
   dA_BCGRQ = dt_BCGRQ * A_GR[:, :, None]
+  # Broadcasting products are written as einsums throughout: their transposes
+  # are then matmuls too. As plain `a * b[..., None]`, the backward pass gets
+  # multiply+reduce fusions, which XLA:CPU (YNNPACK fusions, jax 0.10) runs
+  # ~50x slower whenever the tensor has a size-1 axis (ngroups=1, batch=1).
+  dtx_BCGRQP = einsum(dt_BCGRQ, x_BCGRQP, "b c g r q, b c g r q p -> b c g r q p")
 
   causal_QQ = jnp.tril(jnp.ones((q, q), bool))
   if doc_BL is None:
-    keep_BC11QQ = causal_QQ
+    keep_BCGRQQ = causal_QQ
   else:
     doc_BCQ = rearrange(doc_BL, "b (c q) -> b c q", q=q)
     same_doc_BCQQ = doc_BCQ[:, :, :, None] == doc_BCQ[:, :, None, :]
-    keep_BC11QQ = (causal_QQ & same_doc_BCQQ)[:, :, None, None]
+    keep_BCGRQQ = (causal_QQ & same_doc_BCQQ)[:, :, None, None]
   # Clamp, then mask: exp sees only finite exponents <= 0, so neither it nor
   # its gradient can overflow, and masked entries get a zero cotangent.
-  L_BCGRQQ = jnp.where(keep_BC11QQ, jnp.exp(jnp.minimum(_segsum(dA_BCGRQ), 0.0)), 0.0)
+  L_BCGRQQ = jnp.where(keep_BCGRQQ, jnp.exp(jnp.minimum(_segsum(dA_BCGRQ), 0.0)), 0.0)
 
   # 1. Within each chunk: y_i = sum_{j <= i} (C_i . B_j) L_ij dt_j x_j.
-  CB_BCGQQ = einsum(C_BCQGN, B_BCQGN, "b c i g n, b c j g n -> b c g i j")
-  M_BCGRQQ = CB_BCGQQ[:, :, :, None] * L_BCGRQQ * dt_BCGRQ[..., None, :]
-  y_diag_BCQGRP = einsum(M_BCGRQQ, x_BCQGRP, "b c g r i j, b c j g r p -> b c i g r p")
+  CB_BCGQQ = einsum(C_BCGQN, B_BCGQN, "b c g i n, b c g j n -> b c g i j")
+  M_BCGRQQ = einsum(CB_BCGQQ, L_BCGRQQ, "b c g i j, b c g r i j -> b c g r i j")
+  y_BCGRQP = einsum(M_BCGRQQ, dtx_BCGRQP, "b c g r i j, b c g r j p -> b c g r i p")
 
   # 2. Each chunk's own contribution to the state at its end. The last row
   # of L is exactly the decay from each position to the chunk end, already
   # masked to the chunk's last document.
-  weight_BCGRQ = L_BCGRQQ[..., -1, :] * dt_BCGRQ
-  states_BCGRPN = einsum(B_BCQGN, weight_BCGRQ, x_BCQGRP,
-                         "b c j g n, b c g r j, b c j g r p -> b c g r p n")
+  to_end_BCGRQP = einsum(L_BCGRQQ[..., -1, :], dtx_BCGRQP, "b c g r j, b c g r j p -> b c g r j p")
+  states_BCGRPN = einsum(to_end_BCGRQP, B_BCGQN, "b c g r j p, b c g j n -> b c g r p n")
 
   # 3. Pass states across chunks. A sequential scan over the nchunks chunk
   # states is linear in length; the segsum-matrix alternative costs
   # nchunks^2 * p * n per head, which dominates at long lengths on CPU.
   chunk_decay_BCGR = jnp.exp(jnp.minimum(dA_BCGRQ.sum(-1), 0.0))
-  if doc_BL is not None:
-    # The document that is live entering chunk c is the one at the end of
-    # chunk c-1 (the leading document for c = 0, which initial_states seed).
-    doc_end_BC = doc_BCQ[:, :, -1]
-    doc_enter_BC = jnp.concatenate([doc_BCQ[:, :1, 0], doc_end_BC[:, :-1]], axis=1)
-    # Monotone ids: the entering state survives the whole chunk iff the
-    # chunk ends in the same document.
-    chunk_decay_BCGR = jnp.where((doc_end_BC == doc_enter_BC)[:, :, None, None], chunk_decay_BCGR, 0.0)
-    enter_doc_BCQ = doc_BCQ == doc_enter_BC[:, :, None]
   # Decay from the chunk start through position i (inclusive): how much of
   # the entering state reaches y_i. A plain cumsum is fine here: the terms
   # all have one sign, so there is no cancellation.
   enter_decay_BCGRQ = jnp.exp(jnp.minimum(jnp.cumsum(dA_BCGRQ, axis=-1), 0.0))
   if doc_BL is not None:
-    enter_decay_BCGRQ = jnp.where(enter_doc_BCQ[:, :, None, None], enter_decay_BCGRQ, 0.0)
+    # The document live on entering chunk c is the one at the end of chunk
+    # c-1 (for c = 0 the leading document, which initial_states seed).
+    doc_end_BC = doc_BCQ[:, :, -1]
+    doc_enter_BC = jnp.concatenate([doc_BCQ[:, :1, 0], doc_end_BC[:, :-1]], axis=1)
+    # Ids are monotone, so the entering state survives the whole chunk iff
+    # the chunk ends in the same document, and reaches exactly the positions
+    # of that document.
+    chunk_decay_BCGR = jnp.where((doc_end_BC == doc_enter_BC)[:, :, None, None], chunk_decay_BCGR, 0.0)
+    enter_doc_BC11Q = (doc_BCQ == doc_enter_BC[:, :, None])[:, :, None, None]
+    enter_decay_BCGRQ = jnp.where(enter_doc_BC11Q, enter_decay_BCGRQ, 0.0)
 
   def pass_state(state_BGRPN, inputs):
     decay_BGR, new_BGRPN = inputs
@@ -291,9 +297,9 @@ def _ssd_chunked(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, h0_BHPN, doc_BL, chunk_siz
       pass_state, h0_BGRPN,
       (jnp.moveaxis(chunk_decay_BCGR, 1, 0), jnp.moveaxis(states_BCGRPN, 1, 0)))
 
-  # 4. Entering state to outputs: y_i += decay(start..i) * (state . C_i).
-  y_off_BCQGRP = einsum(C_BCQGN, enter_CBGRPN, enter_decay_BCGRQ,
-                        "b c i g n, c b g r p n, b c g r i -> b c i g r p")
+  # 4. Entering state to outputs: y_i += decay(start..i) * (C_i . state).
+  C_decay_BCGRQN = einsum(enter_decay_BCGRQ, C_BCGQN, "b c g r i, b c g i n -> b c g r i n")
+  y_BCGRQP = y_BCGRQP + einsum(C_decay_BCGRQN, enter_CBGRPN, "b c g r i n, c b g r p n -> b c g r i p")
 
-  y_BLHP = rearrange(y_diag_BCQGRP + y_off_BCQGRP, "b c q g r p -> b (c q) (g r) p")
+  y_BLHP = rearrange(y_BCGRQP, "b c g r q p -> b (c q) (g r) p")
   return y_BLHP[:, :l], rearrange(final_BGRPN, "b g r p n -> b (g r) p n")

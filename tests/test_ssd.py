@@ -80,6 +80,10 @@ XLA_VS_REF_CASES = [
 def test_xla_matches_reference_values_and_grads(l, chunk, g, d_per_channel, with_z, softplus, with_seq,
                                                 dtype):
   inputs = make_inputs(0, l=l, g=g, dtype=dtype, d_per_channel=d_per_channel, with_z=with_z)
+  if not softplus:
+    # Without softplus, dt + dt_bias must already be a valid (positive) step.
+    inputs["dt"] = (jnp.abs(inputs["dt"]) + 0.6).astype(dtype)
+    inputs["dt_bias"] = jnp.clip(inputs["dt_bias"], -0.5, 0.5)
   seq_idx = two_documents(2, l, first_len=21) if with_seq else None
   kw = dict(chunk_size=chunk, seq_idx=seq_idx, dt_softplus=softplus)
   y_ref, f_ref, g_ref = loss_and_grads("reference", inputs, **kw)

@@ -1,0 +1,1 @@
+"""Chain-of-thought interpretability: capture, probes, lenses and faithfulness tests (under construction)."""
