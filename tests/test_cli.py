@@ -1,0 +1,49 @@
+"""The CLI around a finished run: eval reproduces the logged bpb, sample keeps the prompt, report plots."""
+
+import os
+
+import pytest
+
+from train import cli, loop, metrics
+
+from conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  loop.train(tiny_config(steps=4), workdir, log=lambda *a, **k: None)
+  return workdir
+
+
+def test_eval_reproduces_the_logged_bpb(run_dir, capsys):
+  assert cli.main(["eval", run_dir]) == 0
+  logged = [l for l in metrics.read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if l.get("final")][-1]
+  out = capsys.readouterr().out
+  assert f"'eval_bpb': {logged['eval_bpb']}" in out
+
+
+def test_sample_continues_the_prompt(run_dir, capsys):
+  assert cli.main(["sample", run_dir, "--prompt", "ROMEO:", "--length", "12", "--temperature", "0"]) == 0
+  assert capsys.readouterr().out.startswith("ROMEO:")
+
+
+def test_report_writes_table_and_plot(run_dir, tmp_path, capsys):
+  png = str(tmp_path / "r.png")
+  assert cli.main(["report", run_dir, run_dir, "--png", png]) == 0
+  table = capsys.readouterr().out
+  assert table.count(run_dir) == 2 and "eval bpb" in table
+  assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_run_directory_exits_2(tmp_path, capsys):
+  assert cli.main(["eval", str(tmp_path / "nope")]) == 2
+  assert "not a run directory" in capsys.readouterr().err
+
+
+def test_bf16_compute_trains(tmp_path):
+  from conftest import replace
+  cfg = replace(tiny_config(steps=3), model={"dtype": "bfloat16"})
+  f32 = loop.train(tiny_config(steps=3), str(tmp_path / "f32"), log=lambda *a, **k: None)
+  bf16 = loop.train(cfg, str(tmp_path / "bf16"), log=lambda *a, **k: None)
+  assert abs(bf16["eval_bpb"] - f32["eval_bpb"]) < 0.05 * f32["eval_bpb"]
