@@ -1,7 +1,8 @@
 """The layer stack every family shares, described by a pattern string (one character per block).
 
-"A" is a pre-norm attention block (attention then SwiGLU MLP). The Mamba-2 family adds "M" (SSM
-mixer) and "P" (attention and SSM in parallel) to the same stack, so a hybrid is a pattern, not a file.
+"A" is attention, "M" a Mamba-2 mixer, "P" both in parallel on the same normed input (Falcon-H1), each
+in a pre-norm residual block followed by a SwiGLU MLP (unless mlp=False, as in pure Mamba-2 stacks). A
+hybrid is a pattern ("MMAMMMAM"), not a file.
 """
 
 import dataclasses
@@ -9,11 +10,13 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
+from archs import mamba2
 from archs.layers import MLP, Attention, RMSNorm
 
-BLOCK_TYPES = {"A": "attention + MLP"}
+BLOCK_TYPES = {"A": "attention", "M": "Mamba-2", "P": "attention and Mamba-2 in parallel (Falcon-H1)"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ATTN_IMPLS = ("auto", "reference", "xla")
+SSM_IMPLS = ("auto", "reference", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +36,21 @@ class Config:
   dtype: str = "float32"       # compute dtype of activations and matmuls
   param_dtype: str = "float32"
   init_std: float = 0.02
+  mlp: bool = True             # a SwiGLU MLP after each mixer (pure Mamba-2 stacks usually have none)
+  # Mamba-2 mixer ("M", "P")
+  d_state: int = 64
+  ssm_headdim: int = 64
+  ssm_ngroups: int = 1
+  ssm_expand: int = 2
+  d_conv: int = 4
+  chunk_size: int = 64
+  norm_before_gate: bool = False
+  ssm_impl: str = "auto"       # kernels.ssd impl
+  # Falcon-H1 parallel block ("P"): mixer inputs and outputs are scaled before they are summed
+  attn_in_multiplier: float = 1.0
+  attn_out_multiplier: float = 1.0
+  ssm_in_multiplier: float = 1.0
+  ssm_out_multiplier: float = 1.0
 
   @property
   def kv_heads(self):
@@ -45,6 +63,14 @@ class Config:
   @property
   def ffn_dim(self):
     return self.d_ff or -(-8 * self.d_model // 3 // 64) * 64
+
+  @property
+  def ssm_inner(self):
+    return self.ssm_expand * self.d_model
+
+  @property
+  def ssm_heads(self):
+    return self.ssm_inner // self.ssm_headdim
 
   @property
   def compute_dtype(self):
@@ -73,24 +99,53 @@ class Config:
         raise ValueError(f"{name}={getattr(self, name)!r}: valid: {sorted(DTYPES)}")
     if self.attn_impl not in ATTN_IMPLS:
       raise ValueError(f"attn_impl={self.attn_impl!r}: valid: {ATTN_IMPLS}")
+    if set(self.pattern) & set("MP"):
+      if self.ssm_inner % self.ssm_headdim:
+        raise ValueError(f"ssm_headdim={self.ssm_headdim}: must divide ssm_expand * d_model = {self.ssm_inner}")
+      if self.ssm_heads % self.ssm_ngroups:
+        raise ValueError(f"ssm_ngroups={self.ssm_ngroups}: must divide the {self.ssm_heads} SSM heads")
+      if not 1 <= self.d_state <= 256:
+        raise ValueError(f"d_state={self.d_state}: valid: 1..256")
+      if self.d_conv < 2 or self.chunk_size < 1:
+        raise ValueError(f"d_conv={self.d_conv}, chunk_size={self.chunk_size}: need d_conv >= 2, chunk_size >= 1")
+      if self.ssm_impl not in SSM_IMPLS:
+        raise ValueError(f"ssm_impl={self.ssm_impl!r}: valid: {SSM_IMPLS}")
+
+
+class Parallel(nnx.Module):
+  """Falcon-H1 mixer: attention and Mamba-2 read the same normed input; their scaled outputs are summed."""
+
+  def __init__(self, cfg, rngs, *, out_std):
+    self.attn = Attention(cfg, rngs, out_std=out_std)
+    self.ssm = mamba2.Mamba2(cfg, rngs, out_std=out_std)
+    self.m = (cfg.attn_in_multiplier, cfg.attn_out_multiplier, cfg.ssm_in_multiplier, cfg.ssm_out_multiplier)
+
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL=None, cache=None, cache_index=None):
+    attn_in, attn_out, ssm_in, ssm_out = self.m
+    a, a_cache = self.attn(x_BLD * attn_in, positions_BL, segment_ids_BL, cache and cache["attn"], cache_index)
+    s, s_cache = self.ssm(x_BLD * ssm_in, positions_BL, segment_ids_BL, cache and cache["ssm"], cache_index)
+    return a * attn_out + s * ssm_out, (None if cache is None else {"attn": a_cache, "ssm": s_cache})
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm residual block: x + mixer(norm(x)), then (optionally) x + mlp(norm(x))."""
 
   def __init__(self, kind, cfg, rngs):
     out_std = cfg.init_std / (2 * len(cfg.pattern)) ** 0.5  # GPT-2: keep the residual stream's variance flat
     norm = lambda: RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
     self.kind = kind
     self.mixer_norm = norm()
-    self.mixer = Attention(cfg, rngs, out_std=out_std)
-    self.mlp_norm = norm()
-    self.mlp = MLP(cfg, rngs, out_std=out_std)
+    mixers = {"A": Attention, "M": mamba2.Mamba2, "P": Parallel}
+    self.mixer = mixers[kind](cfg, rngs, out_std=out_std)
+    self.mlp_norm = norm() if cfg.mlp else None
+    self.mlp = MLP(cfg, rngs, out_std=out_std) if cfg.mlp else None
 
   def __call__(self, x_BLD, positions_BL, segment_ids_BL=None, cache=None, cache_index=None):
     h, cache = self.mixer(self.mixer_norm(x_BLD), positions_BL, segment_ids_BL, cache, cache_index)
     x_BLD = x_BLD + h
-    return x_BLD + self.mlp(self.mlp_norm(x_BLD)), cache
+    if self.mlp is not None:
+      x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
+    return x_BLD, cache
 
 
 class Backbone(nnx.Module):
@@ -110,10 +165,12 @@ class Backbone(nnx.Module):
 
 
 def init_cache(cfg, batch_size, max_len):
-  """Empty per-block decode state: a KV cache for each attention block."""
+  """Empty per-block decode state: a KV cache for attention, conv and SSM states for Mamba-2."""
   shape = (batch_size, max_len, cfg.kv_heads, cfg.dim_head)
-  return [{"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
-          for _ in cfg.pattern]
+  kv = lambda: {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
+  make = {"A": kv, "M": lambda: mamba2.init_cache(cfg, batch_size),
+          "P": lambda: {"attn": kv(), "ssm": mamba2.init_cache(cfg, batch_size)}}
+  return [make[kind]() for kind in cfg.pattern]
 
 
 def forward_flops_per_token(cfg, seq_len):
@@ -124,5 +181,7 @@ def forward_flops_per_token(cfg, seq_len):
   """
   d, h, hk, hd, f = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_head, cfg.ffn_dim
   attn = 2 * d * hd * (2 * h + 2 * hk) + 2 * 2 * seq_len * h * hd
-  mlp = 2 * 3 * d * f
-  return len(cfg.pattern) * (attn + mlp)
+  ssm = mamba2.forward_flops_per_token(cfg)
+  mlp = 2 * 3 * d * f if cfg.mlp else 0
+  directions = 1 if cfg.causal else 2  # a bidirectional Mamba-2 mixer scans both ways
+  return sum((attn if k == "A" else directions * ssm + (attn if k == "P" else 0)) + mlp for k in cfg.pattern)

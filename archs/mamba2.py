@@ -1,0 +1,155 @@
+"""The Mamba-2 mixer: in_proj -> causal depthwise conv -> SSD scan -> gated RMSNorm -> out_proj.
+
+Follows the Mamba-2 paper's block (Dao & Gu, 2024): in_proj gives [z, xBC, dt]; a width-d_conv causal
+depthwise convolution with SiLU runs over xBC = [x, B, C]; `kernels.ssd` scans x with per-head decay
+A = -exp(A_log) and step dt = softplus(dt + dt_bias); the output is normalised with a gate silu(z).
+Decoding keeps a conv state (the last d_conv - 1 inputs) and an SSM state (b, h, p, n), so a token
+costs the same whatever the context length; prefill hands the chunked scan's final state to decode.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from flax import nnx
+
+import kernels
+from archs.layers import normal
+
+
+class GatedRMSNorm(nnx.Module):
+  """RMSNorm over groups of channels, gated by silu(z) before (default) or after the norm."""
+
+  def __init__(self, dim, groups, eps, norm_before_gate, param_dtype):
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+    self.groups, self.eps, self.norm_before_gate = groups, eps, norm_before_gate
+
+  def __call__(self, y, z):
+    y = y.astype(jnp.float32)
+    gate = jax.nn.silu(z.astype(jnp.float32))
+    if not self.norm_before_gate:
+      y = y * gate
+    y_g = rearrange(y, "... (g c) -> ... g c", g=self.groups)
+    y_g = y_g * jax.lax.rsqrt(jnp.mean(y_g * y_g, axis=-1, keepdims=True) + self.eps)
+    y = rearrange(y_g, "... g c -> ... (g c)") * self.scale[...].astype(jnp.float32)
+    return y * gate if self.norm_before_gate else y
+
+
+def _uniform(lo, hi):
+  return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, lo, hi)
+
+
+class Mamba2(nnx.Module):
+  """Mamba-2 mixer on (b, l, d_model); causal, or run on the reversed sequence too when bidirectional."""
+
+  def __init__(self, cfg, rngs, *, out_std):
+    d, di, g, n = cfg.d_model, cfg.ssm_inner, cfg.ssm_ngroups, cfg.d_state
+    h = cfg.ssm_heads
+    self.d_inner, self.heads, self.headdim, self.groups, self.d_state = di, h, cfg.ssm_headdim, g, n
+    self.conv_dim = di + 2 * g * n
+    self.d_conv, self.chunk_size, self.impl = cfg.d_conv, cfg.chunk_size, cfg.ssm_impl
+    self.causal, self.compute_dtype = cfg.causal, cfg.compute_dtype
+    pd = cfg.weight_dtype
+    self.in_proj = nnx.Linear(d, 2 * di + 2 * g * n + h, use_bias=False, dtype=cfg.compute_dtype, param_dtype=pd,
+                              kernel_init=normal(cfg.init_std), rngs=rngs)
+    bound = 1 / math.sqrt(cfg.d_conv)  # PyTorch's default for a depthwise conv (fan_in = width)
+    self.conv_kernel = nnx.Param(_uniform(-bound, bound)(rngs.params(), (cfg.d_conv, self.conv_dim), pd))
+    self.conv_bias = nnx.Param(_uniform(-bound, bound)(rngs.params(), (self.conv_dim,), pd))
+    # A in [1, 16] and dt in [1e-3, 0.1] log-uniform, as in the Mamba-2 paper; dt_bias = softplus^-1(dt).
+    self.A_log = nnx.Param(jnp.log(_uniform(1.0, 16.0)(rngs.params(), (h,), jnp.float32)).astype(pd))
+    dt = jnp.exp(_uniform(math.log(1e-3), math.log(0.1))(rngs.params(), (h,), jnp.float32))
+    dt = jnp.maximum(dt, 1e-4)
+    self.dt_bias = nnx.Param((dt + jnp.log(-jnp.expm1(-dt))).astype(pd))
+    self.D = nnx.Param(jnp.ones((h,), pd))
+    self.norm = GatedRMSNorm(di, g, cfg.norm_eps, cfg.norm_before_gate, pd)
+    self.out_proj = nnx.Linear(di, d, use_bias=False, dtype=cfg.compute_dtype, param_dtype=pd,
+                               kernel_init=normal(out_std), rngs=rngs)
+
+  def _split(self, zxbcdt):
+    di, gn = self.d_inner, self.groups * self.d_state
+    return jnp.split(zxbcdt, [di, 2 * di + 2 * gn], axis=-1)  # z, xBC, dt
+
+  def _conv(self, xBC_BLC, seg_BL):
+    """Causal depthwise conv; taps never reach into an earlier document of a packed sequence."""
+    k = self.d_conv
+    pad = lambda a, v: jnp.pad(a, ((0, 0), (k - 1, 0)) + ((0, 0),) * (a.ndim - 2), constant_values=v)
+    x_pad, seg_pad = pad(xBC_BLC.astype(jnp.float32), 0.0), pad(seg_BL, -1)
+    kernel = self.conv_kernel[...].astype(jnp.float32)
+    l = xBC_BLC.shape[1]
+    out = self.conv_bias[...].astype(jnp.float32)
+    for i in range(k):  # tap i multiplies x[t - (k - 1 - i)]
+      same = (seg_pad[:, i:i + l] == seg_BL)[..., None]
+      out = out + jnp.where(same, x_pad[:, i:i + l], 0.0) * kernel[i]
+    return jax.nn.silu(out)
+
+  def _heads(self, xBC):
+    """xBC (b, l, conv_dim) -> x (b, l, h, p), B and C (b, l, g, n)."""
+    di, gn = self.d_inner, self.groups * self.d_state
+    x, B, C = jnp.split(xBC, [di, di + gn], axis=-1)
+    return (rearrange(x, "b l (h p) -> b l h p", p=self.headdim), rearrange(B, "b l (g n) -> b l g n", g=self.groups),
+            rearrange(C, "b l (g n) -> b l g n", g=self.groups))
+
+  def _scan(self, x_BLD, seg_BL, initial_states=None):
+    z, xBC, dt = self._split(self.in_proj(x_BLD))
+    xBC = self._conv(xBC, seg_BL)
+    x, B, C = self._heads(xBC)
+    y, final = kernels.ssd(x, dt, -jnp.exp(self.A_log[...].astype(jnp.float32)), B, C, self.chunk_size,
+                           D=self.D[...], dt_bias=self.dt_bias[...], initial_states=initial_states,
+                           seq_idx=seg_BL, dt_softplus=True, return_final_states=True, impl=self.impl)
+    y = self.norm(rearrange(y, "b l h p -> b l (h p)"), z)
+    return self.out_proj(y.astype(self.compute_dtype)), final
+
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL=None, cache=None, cache_index=None):
+    del positions_BL
+    b, l, _ = x_BLD.shape
+    seg = jnp.zeros((b, l), jnp.int32) if segment_ids_BL is None else segment_ids_BL
+    if not self.causal:
+      if cache is not None:
+        raise ValueError("a bidirectional Mamba-2 mixer has no decode cache")
+      forward, _ = self._scan(x_BLD, seg)
+      backward, _ = self._scan(x_BLD[:, ::-1], seg[:, ::-1])  # the same weights read right to left
+      return forward + backward[:, ::-1], None
+    if cache is None:
+      return self._scan(x_BLD, seg)[0], None
+    if l > 1:  # prefill from an empty cache: the chunked scan's final state seeds decoding
+      out, final = self._scan(x_BLD, seg)
+      _, xBC, _ = self._split(self.in_proj(x_BLD))
+      tail = jnp.pad(xBC, ((0, 0), (self.d_conv - 1, 0), (0, 0)))[:, -(self.d_conv - 1):]
+      return out, {"conv": tail.astype(cache["conv"].dtype), "ssm": final}
+    return self._step(x_BLD, cache)
+
+  def _step(self, x_B1D, cache):
+    """One recurrent decode step: O(1) in the context length."""
+    z, xBC, dt = self._split(self.in_proj(x_B1D))
+    window = jnp.concatenate([cache["conv"].astype(jnp.float32), xBC.astype(jnp.float32)], axis=1)
+    conv = jnp.einsum("bkc,kc->bc", window, self.conv_kernel[...].astype(jnp.float32)) + self.conv_bias[...]
+    x, B, C = self._heads(jax.nn.silu(conv)[:, None])
+    dt_BH = jax.nn.softplus(dt[:, 0].astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
+    A_H = -jnp.exp(self.A_log[...].astype(jnp.float32))
+    rep = self.heads // self.groups
+    B_BHN, C_BHN = (jnp.repeat(t[:, 0].astype(jnp.float32), rep, axis=1) for t in (B, C))
+    x_BHP = x[:, 0].astype(jnp.float32)
+    h = cache["ssm"] * jnp.exp(dt_BH * A_H)[..., None, None] + jnp.einsum("bh,bhp,bhn->bhpn", dt_BH, x_BHP, B_BHN)
+    y_BHP = jnp.einsum("bhpn,bhn->bhp", h, C_BHN) + self.D[...].astype(jnp.float32)[:, None] * x_BHP
+    y = self.norm(rearrange(y_BHP, "b h p -> b 1 (h p)"), z)
+    return self.out_proj(y.astype(self.compute_dtype)), {"conv": window[:, 1:].astype(cache["conv"].dtype), "ssm": h}
+
+
+def init_cache(cfg, batch_size):
+  conv_dim = cfg.ssm_inner + 2 * cfg.ssm_ngroups * cfg.d_state
+  return {"conv": jnp.zeros((batch_size, cfg.d_conv - 1, conv_dim), jnp.float32),
+          "ssm": jnp.zeros((batch_size, cfg.ssm_heads, cfg.ssm_headdim, cfg.d_state), jnp.float32)}
+
+
+def forward_flops_per_token(cfg):
+  """Matmul-like FLOPs per token of one Mamba-2 mixer forward, chunked SSD with chunk length Q.
+
+  in/out projections and the conv, plus SSD: intra-chunk C B^T (2 Q g n) and its product with x
+  (2 Q h p), the chunk state (2 h p n) and the state-to-output (2 h p n) terms.
+  """
+  d, di, g, n, h, p, q = (cfg.d_model, cfg.ssm_inner, cfg.ssm_ngroups, cfg.d_state, cfg.ssm_heads,
+                          cfg.ssm_headdim, cfg.chunk_size)
+  conv_dim = di + 2 * g * n
+  proj = 2 * d * (2 * di + 2 * g * n + h) + 2 * di * d
+  return proj + 2 * conv_dim * cfg.d_conv + 2 * q * (g * n + h * p) + 4 * h * p * n

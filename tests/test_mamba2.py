@@ -1,0 +1,114 @@
+"""Mamba-2 and hybrid backbones: causality per pattern, bidirectional mode, decode = forward, packing, init."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from archs import lm
+
+SMALL = dict(vocab_size=262, d_model=64, n_heads=4, d_state=16, ssm_headdim=16, chunk_size=8)
+
+
+def _model(pattern, **kw):
+  cfg = lm.Config(**{**SMALL, "pattern": pattern, **kw})
+  return cfg, lm.build(cfg, nnx.Rngs(0))
+
+
+def _grad_wrt_inputs(model, l, t):
+  emb = model.embed(jax.random.randint(jax.random.key(0), (1, l), 0, 256))
+
+  def out_at_t(emb):
+    h, _ = model.backbone(emb, jnp.arange(l)[None])
+    return model.logits(h)[0, t].sum()
+
+  return jnp.abs(jax.grad(out_at_t)(emb))[0].max(axis=-1)
+
+
+@pytest.mark.parametrize("pattern", ["M", "P", "MAM", "MP"])
+def test_causal_through_gradients(pattern):
+  _, model = _model(pattern)
+  g = _grad_wrt_inputs(model, 19, 9)  # 19: not a multiple of the chunk size
+  assert float(g[10:].max()) == 0.0
+  assert float(g[:10].min()) > 0.0
+
+
+@pytest.mark.parametrize("pattern", ["M", "P", "MA"])
+def test_bidirectional_sees_the_future(pattern):
+  _, model = _model(pattern, causal=False)
+  g = _grad_wrt_inputs(model, 19, 9)
+  assert float(g[10:].min()) > 0.0 and float(g[:9].min()) > 0.0
+
+
+@pytest.mark.parametrize("pattern,mlp,groups", [("MM", False, 1), ("MAMA", True, 2), ("PM", True, 1)])
+def test_decode_with_states_equals_full_forward(pattern, mlp, groups):
+  cfg, model = _model(pattern, mlp=mlp, ssm_ngroups=groups)
+  tokens = jax.random.randint(jax.random.key(1), (2, 21), 0, 256)
+  full, _ = model(tokens)
+  cache = lm.backbone.init_cache(cfg, 2, 21)
+  logits, cache = model(tokens[:, :11], cache=cache, cache_index=0)  # prefill by the chunked scan
+  steps = [logits]
+  for i in range(11, 21):
+    logits, cache = model(tokens[:, i:i + 1], cache=cache, cache_index=i)
+    steps.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-4, rtol=1e-4)
+  out = lm.generate(model, tokens[:, :5], 6, jax.random.key(0), temperature=0)
+  again, _ = model(out[:, :-1])
+  np.testing.assert_array_equal(jnp.argmax(again[:, 4:], -1), out[:, 5:])
+
+
+@pytest.mark.parametrize("pattern", ["M", "P"])
+def test_packed_documents_do_not_leak_through_conv_or_state(pattern):
+  _, model = _model(pattern)
+  tokens = jax.random.randint(jax.random.key(2), (1, 20), 0, 256)
+  seg = jnp.array([[3] * 7 + [4] * 13])
+  packed, _ = model(tokens, segment_ids_BL=seg)
+  alone, _ = model(tokens[:, 7:], positions_BL=jnp.arange(7, 20)[None])
+  np.testing.assert_allclose(packed[:, 7:], alone, atol=1e-4)
+
+
+def test_init_follows_the_paper():
+  cfg, model = _model("M", ssm_headdim=8)
+  mixer = model.backbone.blocks[0].mixer
+  A = np.exp(np.asarray(mixer.A_log[...]))
+  dt = np.asarray(jax.nn.softplus(mixer.dt_bias[...]))
+  assert A.min() >= 1 and A.max() <= 16
+  assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001
+  np.testing.assert_array_equal(np.asarray(mixer.D[...]), 1.0)
+  assert model.backbone.blocks[0].mlp is not None and _model("M", mlp=False)[1].backbone.blocks[0].mlp is None
+
+
+def test_no_weight_decay_on_ssm_vectors():
+  from train import step
+  from train.config import TrainConfig
+  cfg, model = _model("M")
+  params = nnx.state(model, nnx.Param)
+  tx = step.make_optimizer(TrainConfig(lr=0.1, weight_decay=0.5, grad_clip=0.0, warmup_steps=0, steps=10))
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  mixer = updates["backbone"]["blocks"][0]["mixer"]
+  for name in ("A_log", "D", "dt_bias"):
+    assert float(jnp.abs(mixer[name][...]).max()) == 0.0  # zero gradient and no decay -> no update
+  assert float(jnp.abs(mixer["in_proj"]["kernel"][...]).max()) > 0.0
+
+
+def test_analytic_flops_match_xla_for_mamba():
+  from train import step
+  from train.config import TrainConfig
+  cfg = lm.Config(**{**SMALL, "d_model": 256, "pattern": "MM", "d_state": 64, "ssm_headdim": 64, "chunk_size": 64,
+                     "mlp": False})
+  tcfg = TrainConfig(steps=10)
+  tx = step.make_optimizer(tcfg)
+  graphdef, state = step.init_state(lm, cfg, tx, 0)
+  b, l = 2, 256
+  toks = jax.random.randint(jax.random.key(0), (1, b, l), 0, 256)
+  batch = {"inputs": toks, "targets": toks, "segment_ids": jnp.zeros_like(toks), "loss_mask": jnp.ones_like(toks),
+           "nbytes": jnp.ones_like(toks)}
+  cost = jax.jit(step.make_train_step(lm, graphdef, tx, tcfg)).lower(state, batch, jax.random.key(0)).compile()
+  cost = cost.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  analytic = lm.flops_per_token(cfg, l) * b * l
+  assert abs(cost["flops"] / analytic - 1) < 0.25, (cost["flops"], analytic)
