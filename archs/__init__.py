@@ -11,3 +11,27 @@ def get_family(name):
   if name not in FAMILIES:
     raise ValueError(f"family={name!r} is not registered; valid: {sorted(FAMILIES)}")
   return importlib.import_module(FAMILIES[name])
+
+
+def param_count(family_name, cfg):
+  """Number of parameters of a family's model for cfg, without allocating them."""
+  import jax
+  from flax import nnx
+  family = get_family(family_name)
+  state = nnx.state(nnx.eval_shape(lambda: family.build(cfg, nnx.Rngs(0))), nnx.Param)
+  return sum(x.size for x in jax.tree.leaves(state))
+
+
+def match_params(family_name, cfg, target, field="d_ff", step=32):
+  """cfg with `field` (an integer width) chosen so the parameter count comes closest to target."""
+  import dataclasses
+  best = None
+  lo, hi = step, 16 * cfg.d_model
+  while hi - lo > step:  # the count grows with the width: bisect
+    mid = (lo + hi) // 2 // step * step
+    lo, hi = (mid, hi) if param_count(family_name, dataclasses.replace(cfg, **{field: mid})) < target else (lo, mid)
+  for width in (lo, hi):
+    c = dataclasses.replace(cfg, **{field: width})
+    gap = abs(param_count(family_name, c) - target)
+    best = min(best, (gap, width, c), key=lambda t: t[0]) if best else (gap, width, c)
+  return best[2]

@@ -6,6 +6,7 @@ hybrid is a pattern ("MMAMMMAM"), not a file.
 """
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
 from flax import nnx
@@ -17,6 +18,10 @@ BLOCK_TYPES = {"A": "attention", "M": "Mamba-2", "P": "attention and Mamba-2 in 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ATTN_IMPLS = ("auto", "reference", "xla")
 SSM_IMPLS = ("auto", "reference", "xla")
+MULTIPLIERS = ("attn_in_multiplier", "attn_out_multiplier", "ssm_in_multiplier", "ssm_out_multiplier",
+               "embed_multiplier", "logits_multiplier", "attn_key_multiplier", "mlp_gate_multiplier",
+               "mlp_down_multiplier", "ssm_z_multiplier", "ssm_x_multiplier", "ssm_b_multiplier", "ssm_c_multiplier",
+               "ssm_dt_multiplier")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +56,19 @@ class Config:
   attn_out_multiplier: float = 1.0
   ssm_in_multiplier: float = 1.0
   ssm_out_multiplier: float = 1.0
+  # Imported checkpoints (train/convert_hf.py); the defaults leave the model as above
+  ssm_inner_dim: int = 0       # 0: ssm_expand * d_model (Falcon-H1's mamba_d_ssm sets it directly)
+  ssm_norm: bool = True        # False: y * silu(z), no gated RMSNorm (Falcon-H1 mamba_rms_norm=False)
+  embed_multiplier: float = 1.0    # Falcon-H1 muP multipliers: token embeddings,
+  logits_multiplier: float = 1.0   # output logits,
+  attn_key_multiplier: float = 1.0  # attention keys,
+  mlp_gate_multiplier: float = 1.0  # the SwiGLU gate before its silu,
+  mlp_down_multiplier: float = 1.0  # the MLP output,
+  ssm_z_multiplier: float = 1.0    # and the Mamba-2 in_proj outputs z, x, B, C, dt (its "mup vector")
+  ssm_x_multiplier: float = 1.0
+  ssm_b_multiplier: float = 1.0
+  ssm_c_multiplier: float = 1.0
+  ssm_dt_multiplier: float = 1.0
 
   @property
   def kv_heads(self):
@@ -66,7 +84,7 @@ class Config:
 
   @property
   def ssm_inner(self):
-    return self.ssm_expand * self.d_model
+    return self.ssm_inner_dim or self.ssm_expand * self.d_model
 
   @property
   def ssm_heads(self):
@@ -99,9 +117,15 @@ class Config:
         raise ValueError(f"{name}={getattr(self, name)!r}: valid: {sorted(DTYPES)}")
     if self.attn_impl not in ATTN_IMPLS:
       raise ValueError(f"attn_impl={self.attn_impl!r}: valid: {ATTN_IMPLS}")
+    for name in MULTIPLIERS:
+      if not math.isfinite(getattr(self, name)):
+        raise ValueError(f"{name}={getattr(self, name)}: valid: a finite float (1.0 leaves the model unchanged)")
+    if self.ssm_inner_dim < 0:
+      raise ValueError(f"ssm_inner_dim={self.ssm_inner_dim}: valid: 0 (ssm_expand * d_model) or a positive width")
     if set(self.pattern) & set("MP"):
       if self.ssm_inner % self.ssm_headdim:
-        raise ValueError(f"ssm_headdim={self.ssm_headdim}: must divide ssm_expand * d_model = {self.ssm_inner}")
+        raise ValueError(f"ssm_headdim={self.ssm_headdim}: must divide the SSM inner width {self.ssm_inner} "
+                         "(ssm_inner_dim, or ssm_expand * d_model when it is 0)")
       if self.ssm_heads % self.ssm_ngroups:
         raise ValueError(f"ssm_ngroups={self.ssm_ngroups}: must divide the {self.ssm_heads} SSM heads")
       if not 1 <= self.d_state <= 256:

@@ -49,10 +49,12 @@ class Attention(nnx.Module):
     self.o = lin(h * hd, d, out_std)
     self.n_heads, self.kv_heads, self.dim_head = h, hk, hd
     self.causal, self.rope_theta, self.impl = cfg.causal, cfg.rope_theta, cfg.attn_impl
+    self.key_multiplier = cfg.attn_key_multiplier
 
   def __call__(self, x_BLD, positions_BL, segment_ids_BL=None, cache=None, cache_index=None):
     q = rope(rearrange(self.q(x_BLD), "b l (h d) -> b l h d", h=self.n_heads), positions_BL, self.rope_theta)
-    k = rope(rearrange(self.k(x_BLD), "b l (h d) -> b l h d", h=self.kv_heads), positions_BL, self.rope_theta)
+    k = self.k(x_BLD) if self.key_multiplier == 1.0 else self.k(x_BLD) * self.key_multiplier
+    k = rope(rearrange(k, "b l (h d) -> b l h d", h=self.kv_heads), positions_BL, self.rope_theta)
     v = rearrange(self.v(x_BLD), "b l (h d) -> b l h d", h=self.kv_heads)
     if cache is not None:
       cache = {"k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 1),
@@ -70,7 +72,7 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), with Falcon-H1's optional gate and output multipliers."""
 
   def __init__(self, cfg, rngs, *, out_std):
     lin = lambda i, o, std: nnx.Linear(i, o, use_bias=False, dtype=cfg.compute_dtype,
@@ -78,6 +80,9 @@ class MLP(nnx.Module):
     self.gate = lin(cfg.d_model, cfg.ffn_dim, cfg.init_std)
     self.up = lin(cfg.d_model, cfg.ffn_dim, cfg.init_std)
     self.down = lin(cfg.ffn_dim, cfg.d_model, out_std)
+    self.gate_multiplier, self.down_multiplier = cfg.mlp_gate_multiplier, cfg.mlp_down_multiplier
 
   def __call__(self, x_BLD):
-    return self.down(jax.nn.silu(self.gate(x_BLD)) * self.up(x_BLD))
+    gate = self.gate(x_BLD) if self.gate_multiplier == 1.0 else self.gate(x_BLD) * self.gate_multiplier
+    out = self.down(jax.nn.silu(gate) * self.up(x_BLD))
+    return out if self.down_multiplier == 1.0 else out * self.down_multiplier

@@ -30,14 +30,19 @@ class LM(nnx.Module):
 
   def logits(self, h_BLD):
     out = self.embed.attend(h_BLD) if self.head is None else self.head(h_BLD)
-    return out.astype(jnp.float32)
+    out = out.astype(jnp.float32)
+    return out if self.cfg.logits_multiplier == 1.0 else out * self.cfg.logits_multiplier
+
+  def embed_tokens(self, tokens_BL):
+    x_BLD = self.embed(tokens_BL)
+    return x_BLD if self.cfg.embed_multiplier == 1.0 else x_BLD * self.cfg.embed_multiplier
 
   def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, cache=None, cache_index=None):
     """Logits (b, l, vocab) in float32 and the updated decode cache (None without one)."""
     if positions_BL is None:
       start = 0 if cache_index is None else cache_index
       positions_BL = jnp.broadcast_to(start + jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
-    h_BLD, cache = self.backbone(self.embed(tokens_BL), positions_BL, segment_ids_BL, cache, cache_index)
+    h_BLD, cache = self.backbone(self.embed_tokens(tokens_BL), positions_BL, segment_ids_BL, cache, cache_index)
     return self.logits(h_BLD), cache
 
 
@@ -61,7 +66,9 @@ def loss(model, batch, rng):
   mask_BL = batch["loss_mask"].astype(jnp.float32)
   nll_BL = token_nll(logits_BLV, batch["targets"], mask_BL)
   n_tokens = jnp.sum(mask_BL)
-  metrics = {"nats": jnp.sum(nll_BL), "tokens": n_tokens, "bytes": jnp.sum(batch["nbytes"] * mask_BL)}
+  correct = jnp.sum((jnp.argmax(logits_BLV, -1) == batch["targets"]) * mask_BL)
+  metrics = {"nats": jnp.sum(nll_BL), "tokens": n_tokens, "bytes": jnp.sum(batch["nbytes"] * mask_BL),
+             "correct": correct}
   return jnp.sum(nll_BL) / jnp.maximum(n_tokens, 1.0), metrics
 
 

@@ -62,9 +62,28 @@ class Mamba2(nnx.Module):
     dt = jnp.maximum(dt, 1e-4)
     self.dt_bias = nnx.Param((dt + jnp.log(-jnp.expm1(-dt))).astype(pd))
     self.D = nnx.Param(jnp.ones((h,), pd))
-    self.norm = GatedRMSNorm(di, g, cfg.norm_eps, cfg.norm_before_gate, pd)
+    self.norm = GatedRMSNorm(di, g, cfg.norm_eps, cfg.norm_before_gate, pd) if cfg.ssm_norm else None
+    # Falcon-H1 scales in_proj's z, x, B, C and dt outputs (its "mup vector"); None when all are 1.
+    m = (cfg.ssm_z_multiplier, cfg.ssm_x_multiplier, cfg.ssm_b_multiplier, cfg.ssm_c_multiplier, cfg.ssm_dt_multiplier)
+    self.proj_multipliers = None if m == (1.0,) * 5 else m
     self.out_proj = nnx.Linear(di, d, use_bias=False, dtype=cfg.compute_dtype, param_dtype=pd,
                                kernel_init=normal(out_std), rngs=rngs)
+
+  def _project(self, x_BLD):
+    """in_proj, times the per-segment multipliers when set."""
+    zxbcdt = self.in_proj(x_BLD)
+    if self.proj_multipliers is None:
+      return zxbcdt
+    di, gn = self.d_inner, self.groups * self.d_state
+    widths = (di, di, gn, gn, self.heads)
+    scale = jnp.concatenate([jnp.full((w,), m, jnp.float32) for w, m in zip(widths, self.proj_multipliers)])
+    return (zxbcdt * scale).astype(zxbcdt.dtype)
+
+  def _gate(self, y, z):
+    """Gated RMSNorm of the scan output, or the bare gate y * silu(z) when ssm_norm is False."""
+    if self.norm is not None:
+      return self.norm(y, z)
+    return y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
 
   def _split(self, zxbcdt):
     di, gn = self.d_inner, self.groups * self.d_state
@@ -91,13 +110,13 @@ class Mamba2(nnx.Module):
             rearrange(C, "b l (g n) -> b l g n", g=self.groups))
 
   def _scan(self, x_BLD, seg_BL, initial_states=None):
-    z, xBC, dt = self._split(self.in_proj(x_BLD))
+    z, xBC, dt = self._split(self._project(x_BLD))
     xBC = self._conv(xBC, seg_BL)
     x, B, C = self._heads(xBC)
     y, final = kernels.ssd(x, dt, -jnp.exp(self.A_log[...].astype(jnp.float32)), B, C, self.chunk_size,
                            D=self.D[...], dt_bias=self.dt_bias[...], initial_states=initial_states,
                            seq_idx=seg_BL, dt_softplus=True, return_final_states=True, impl=self.impl)
-    y = self.norm(rearrange(y, "b l h p -> b l (h p)"), z)
+    y = self._gate(rearrange(y, "b l h p -> b l (h p)"), z)
     return self.out_proj(y.astype(self.compute_dtype)), final
 
   def __call__(self, x_BLD, positions_BL, segment_ids_BL=None, cache=None, cache_index=None):
@@ -114,14 +133,14 @@ class Mamba2(nnx.Module):
       return self._scan(x_BLD, seg)[0], None
     if l > 1:  # prefill from an empty cache: the chunked scan's final state seeds decoding
       out, final = self._scan(x_BLD, seg)
-      _, xBC, _ = self._split(self.in_proj(x_BLD))
+      _, xBC, _ = self._split(self._project(x_BLD))
       tail = jnp.pad(xBC, ((0, 0), (self.d_conv - 1, 0), (0, 0)))[:, -(self.d_conv - 1):]
       return out, {"conv": tail.astype(cache["conv"].dtype), "ssm": final}
     return self._step(x_BLD, cache)
 
   def _step(self, x_B1D, cache):
     """One recurrent decode step: O(1) in the context length."""
-    z, xBC, dt = self._split(self.in_proj(x_B1D))
+    z, xBC, dt = self._split(self._project(x_B1D))
     window = jnp.concatenate([cache["conv"].astype(jnp.float32), xBC.astype(jnp.float32)], axis=1)
     conv = jnp.einsum("bkc,kc->bc", window, self.conv_kernel[...].astype(jnp.float32)) + self.conv_bias[...]
     x, B, C = self._heads(jax.nn.silu(conv)[:, None])
@@ -132,7 +151,7 @@ class Mamba2(nnx.Module):
     x_BHP = x[:, 0].astype(jnp.float32)
     h = cache["ssm"] * jnp.exp(dt_BH * A_H)[..., None, None] + jnp.einsum("bh,bhp,bhn->bhpn", dt_BH, x_BHP, B_BHN)
     y_BHP = jnp.einsum("bhpn,bhn->bhp", h, C_BHN) + self.D[...].astype(jnp.float32)[:, None] * x_BHP
-    y = self.norm(rearrange(y_BHP, "b h p -> b 1 (h p)"), z)
+    y = self._gate(rearrange(y_BHP, "b h p -> b 1 (h p)"), z)
     return self.out_proj(y.astype(self.compute_dtype)), {"conv": window[:, 1:].astype(cache["conv"].dtype), "ssm": h}
 
 

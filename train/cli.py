@@ -13,12 +13,19 @@ def _setup_jax(args):
   import jax
   if getattr(args, "cpu_devices", None):
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-  if getattr(args, "num_processes", None):
+  explicit = {"coordinator_address": getattr(args, "coordinator", None),
+              "num_processes": getattr(args, "num_processes", None), "process_id": getattr(args, "process_id", None)}
+  auto = os.environ.get("ALTBENCH_DISTRIBUTED") == "1"
+  if any(v is not None for v in explicit.values()) or auto:
+    # Cross-process collectives of the CPU backend (GPUs and TPUs use their own, this changes nothing there).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                               process_id=args.process_id)
-  elif os.environ.get("ALTBENCH_DISTRIBUTED") == "1":
-    jax.distributed.initialize()  # cluster auto-detection: SLURM, TPU pods, Open MPI, Kubernetes
+    # Flags left out are auto-detected (SLURM, TPU pods, Open MPI, Kubernetes), as with ALTBENCH_DISTRIBUTED=1.
+    jax.distributed.initialize(**{k: v for k, v in explicit.items() if v is not None})
+
+
+def _is_main():
+  import jax
+  return jax.process_index() == 0
 
 
 def cmd_train(args):
@@ -37,7 +44,8 @@ def cmd_eval(args):
   _setup_jax(args)
   cfg, family, corpus, graphdef, state, mesh_, step = loop.load_run(args.run)
   result = loop.evaluate(family, graphdef, state, corpus, cfg, mesh_)
-  print({"step": step, **result})
+  if _is_main():
+    print({"step": step, **result})
 
 
 def cmd_sample(args):
@@ -46,7 +54,7 @@ def cmd_sample(args):
   cfg, family, corpus, graphdef, state, mesh_, _ = loop.load_run(args.run)
   pairs = loop.sample_texts(family, graphdef, state, corpus, cfg, args.n, args.length, seed=args.seed,
                             prompt=args.prompt, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-  for prompt, continuation in pairs:
+  for prompt, continuation in pairs if _is_main() else []:
     print(f"{prompt}{continuation}\n---")
 
 
@@ -63,9 +71,6 @@ def main(argv=None):
   p.add_argument("experiment", help="experiments/<name>.py[:variant]")
   p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config field")
   p.add_argument("--workdir", help="run directory (default runs/<name>-<variant>)")
-  p.add_argument("--coordinator", help="multi-process: coordinator host:port")
-  p.add_argument("--num-processes", type=int, help="multi-process: number of processes")
-  p.add_argument("--process-id", type=int, help="multi-process: this process's index")
   p.set_defaults(func=cmd_train)
 
   p = sub.add_parser("eval", help="held-out loss and bits per byte of a run's latest checkpoint")
@@ -88,8 +93,12 @@ def main(argv=None):
   p.add_argument("--png", default="altbench_report.png", help="where to write the plot")
   p.set_defaults(func=cmd_report)
 
-  for p in sub.choices.values():
+  for name, p in sub.choices.items():
     p.add_argument("--cpu-devices", type=int, help="simulate this many CPU devices (jax_num_cpu_devices)")
+    if name != "report":  # every process of a multi-process run runs the same command
+      p.add_argument("--coordinator", help="multi-process: coordinator host:port (process 0's address)")
+      p.add_argument("--num-processes", type=int, help="multi-process: number of processes")
+      p.add_argument("--process-id", type=int, help="multi-process: this process's index, 0 writes the logs")
 
   args = parser.parse_args(argv)
   from train.config import ConfigError

@@ -21,12 +21,14 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  dataset: str = "pystdlib"    # "pystdlib" (the running Python's stdlib source) or "text:PATH" (file or folder)
+  dataset: str = "pystdlib"    # "pystdlib" (the stdlib's source), "text:PATH" (file or folder), or a task: "mqar"
   tokenizer: str = "bytes"     # "bytes" (256 byte ids + specials) or "bpe" (trained on the train split)
   bpe_vocab_size: int = 4096
   seq_len: int = 256
   heldout_fraction: float = 0.02  # of files (hash split); of the tail of a single text file
   eval_bytes: int = 131072     # held-out bytes every eval scores, identical for every tokenizer
+  task_pairs: int = 16         # generated tasks: key-value pairs per example (mqar)
+  eval_examples: int = 512     # generated tasks: held-out examples scored by eval
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,8 +163,14 @@ def validate(cfg):
   d, t = cfg.data, cfg.train
   if d.tokenizer not in ("bytes", "bpe"):
     raise ConfigError(f"data.tokenizer={d.tokenizer!r}: valid: ['bpe', 'bytes']")
-  if d.dataset != "pystdlib" and not d.dataset.startswith("text:"):
-    raise ConfigError(f"data.dataset={d.dataset!r}: valid: 'pystdlib' or 'text:PATH'")
+  from train.tasks import TASKS
+  if d.dataset != "pystdlib" and not d.dataset.startswith("text:") and d.dataset not in TASKS:
+    raise ConfigError(f"data.dataset={d.dataset!r}: valid: 'pystdlib', 'text:PATH' or a task {sorted(TASKS)}")
+  if d.dataset in TASKS and d.seq_len < 4 * d.task_pairs:
+    raise ConfigError(f"data.seq_len={d.seq_len}: {d.dataset} with data.task_pairs={d.task_pairs} needs at least "
+                      f"{4 * d.task_pairs}")
+  if d.dataset in TASKS and not 1 <= d.task_pairs <= 128:
+    raise ConfigError(f"data.task_pairs={d.task_pairs}: valid: 1..128 (keys are distinct byte ids 0..127)")
   if d.tokenizer == "bpe" and d.bpe_vocab_size <= 262:
     raise ConfigError(f"data.bpe_vocab_size={d.bpe_vocab_size}: must exceed the 256 bytes and specials")
   if not 0 < d.heldout_fraction < 1:

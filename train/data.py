@@ -218,15 +218,32 @@ def eval_batches(stream, tokenizer, batch_size, seq_len):
 
 @dataclasses.dataclass
 class Corpus:
+  """A text corpus: tokenizer, the training token stream and the scored held-out stream."""
   tokenizer: object
   train: np.ndarray            # token stream of the training split
   eval: np.ndarray             # token stream of the scored held-out bytes
   eval_bytes: int
   stats: dict
 
+  def train_batch(self, seed, step, batch_size, seq_len):
+    return train_batch(self.train, self.tokenizer, seed, step, batch_size, seq_len)
+
+  def eval_batches(self, batch_size, seq_len):
+    return eval_batches(self.eval, self.tokenizer, batch_size, seq_len)
+
+  def prompts(self, n, length=32):
+    """Openings of the first n held-out documents, cut to a common length."""
+    starts = np.flatnonzero(self.eval == self.tokenizer.special["<eos>"])[:n]
+    prompts = [self.eval[s:s + length] for s in starts]
+    width = min(len(p) for p in prompts)
+    return np.stack([p[:width] for p in prompts])
+
 
 def load_corpus(data_cfg, workdir=None):
   """Tokenizer and token streams for a DataConfig; a trained BPE tokenizer is cached in workdir/data/."""
+  from train import tasks
+  if data_cfg.dataset in tasks.TASKS:
+    return tasks.TaskCorpus(data_cfg)
   train_docs, heldout_docs = load_documents(data_cfg.dataset, data_cfg.heldout_fraction)
   texts = eval_text(heldout_docs, data_cfg.eval_bytes)
   if data_cfg.tokenizer == "bytes":

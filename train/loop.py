@@ -104,13 +104,16 @@ def evaluate(family, graphdef, state, corpus, cfg, mesh_):
   totals = {}
   n_dev = jax.device_count()
   batch_size = -(-cfg.train.batch_size // n_dev) * n_dev
-  for batch in data.eval_batches(corpus.eval, corpus.tokenizer, batch_size, cfg.data.seq_len):
+  for batch in corpus.eval_batches(batch_size, cfg.data.seq_len):
     batch = mesh.put_batch({k: v[None] for k, v in batch.items()}, sharding)
     out = eval_fn(state["params"], state["rest"], jax.tree.map(lambda x: x[0], batch))
     for k, v in out.items():
       totals[k] = totals.get(k, 0.0) + float(v)
-  return {"eval_loss": totals["nats"] / totals["tokens"], "eval_bpb": metrics.bits_per_byte(totals["nats"], totals["bytes"]),
-          "eval_tokens": int(totals["tokens"]), "eval_bytes": int(totals["bytes"])}
+  out = {"eval_loss": totals["nats"] / totals["tokens"], "eval_bpb": metrics.bits_per_byte(totals["nats"], totals["bytes"]),
+         "eval_tokens": int(totals["tokens"]), "eval_bytes": int(totals["bytes"])}
+  if "correct" in totals:
+    out["eval_acc"] = totals["correct"] / totals["tokens"]
+  return out
 
 
 def sample_texts(family, graphdef, state, corpus, cfg, n, length, seed=0, prompt=None, temperature=0.8, top_k=0,
@@ -121,10 +124,7 @@ def sample_texts(family, graphdef, state, corpus, cfg, n, length, seed=0, prompt
   if prompt is not None:
     prompts = [np.concatenate([[tok.special["<eos>"]], tok.encode(prompt)])] * n
   else:
-    starts = np.flatnonzero(corpus.eval == tok.special["<eos>"])[:n]
-    prompts = [corpus.eval[s:s + 32] for s in starts]
-    width = min(len(p) for p in prompts)
-    prompts = [p[:width] for p in prompts]
+    prompts = corpus.prompts(n)
   model = nnx.merge(graphdef, state["params"], state["rest"])
   out = family.generate(model, np.stack(prompts), length, jax.random.key(seed), temperature=temperature,
                         top_k=top_k, top_p=top_p)
@@ -220,7 +220,7 @@ def train(cfg, workdir, log=print):
   result = {}
   try:
     for s in range(start, tcfg.steps):
-      batch = data.train_batch(corpus.train, corpus.tokenizer, tcfg.seed, s, tcfg.batch_size, seq_len)
+      batch = corpus.train_batch(tcfg.seed, s, tcfg.batch_size, seq_len)
       batch = {k: v.reshape(tcfg.grad_accum, micro, *v.shape[1:]) for k, v in batch.items()}
       rng = jax.random.fold_in(jax.random.key(tcfg.seed), s)
       state, out = step_fn(state, mesh.put_batch(batch, batch_sharding), rng)
@@ -237,7 +237,8 @@ def train(cfg, workdir, log=print):
         ev = evaluate(family, graphdef, state, corpus, cfg, mesh_)
         if mlog:
           mlog.write({**ledger(done), **ev})
-        bar.write(f"step {done}: eval_loss {ev['eval_loss']:.4f} eval_bpb {ev['eval_bpb']:.4f}") if main else None
+        if main:
+          bar.write(f"step {done}: " + " ".join(f"{k} {v:.4f}" for k, v in ev.items() if isinstance(v, float)))
       if at_ckpt or stop["signal"]:
         save(done, state)
       if stop["signal"]:
@@ -250,8 +251,9 @@ def train(cfg, workdir, log=print):
     if mlog:
       mlog.write({**ledger(tcfg.steps), **result, "final": True})
     if main:
+      acc = f"; answer accuracy {result['eval_acc']:.4f}" if "eval_acc" in result else ""
       log(f"altbench: held-out {result['eval_bpb']:.4f} bits per byte (loss {result['eval_loss']:.4f} nats/token "
-          f"over {result['eval_bytes']} bytes); energy {meter.source}")
+          f"over {result['eval_bytes']} bytes){acc}; energy {meter.source}")
     if tcfg.samples:
       pairs = sample_texts(family, graphdef, state, corpus, cfg, tcfg.samples, tcfg.sample_len, seed=tcfg.seed)
       if main:
