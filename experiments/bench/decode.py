@@ -1,0 +1,80 @@
+"""Decode cost per token against context length: pure Mamba-2 (constant state) vs the transformer (KV cache).
+
+For each model and context C, prefills C tokens, then times single-token decode steps (one jit call each,
+median of repeats). Prints one JSON line per (model, context) and a summary line with the ratio
+time(largest C) / time(smallest C) per model: about 1 for Mamba-2 (target <= 1.2), growing for attention.
+Run: python experiments/bench/decode.py [--contexts 1024 8192] [--steps 32]
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from archs import backbone, lm
+
+
+def models(d_model):
+  common = dict(vocab_size=262, d_model=d_model, n_heads=4)
+  return {"mamba2": lm.Config(pattern="M" * 7, mlp=False, **common), "transformer": lm.Config(pattern="AAAA", **common)}
+
+
+def time_decode(cfg, contexts, steps, repeats):
+  """Median seconds per decode step for each context; rounds alternate between contexts so load is shared."""
+  model = lm.build(cfg, nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def prefill(state, tokens, cache):
+    return nnx.merge(graphdef, state)(tokens, cache=cache, cache_index=0)
+
+  @jax.jit
+  def decode(state, token, cache, index):
+    logits, cache = nnx.merge(graphdef, state)(token, cache=cache, cache_index=index)
+    return jnp.argmax(logits[:, -1], -1)[:, None], cache
+
+  runs = {}
+  for context in contexts:
+    cache = backbone.init_cache(cfg, 1, context + steps * (repeats + 1))
+    logits, cache = prefill(state, jax.random.randint(jax.random.key(0), (1, context), 0, 256), cache)
+    token, cache = decode(state, jnp.argmax(logits[:, -1], -1)[:, None], cache, context)  # compile
+    runs[context] = [token, cache, context + 1, []]
+  jax.block_until_ready(runs)
+  for _ in range(repeats):
+    for context, run in runs.items():
+      token, cache, index, times = run
+      t0 = time.perf_counter()
+      for i in range(steps):
+        token, cache = decode(state, token, cache, index + i)
+      jax.block_until_ready(token)
+      times.append((time.perf_counter() - t0) / steps)
+      run[:3] = token, cache, index + steps
+  return {context: statistics.median(run[3]) for context, run in runs.items()}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192])
+  parser.add_argument("--d-model", type=int, default=256)
+  parser.add_argument("--steps", type=int, default=32)
+  parser.add_argument("--repeats", type=int, default=5)
+  args = parser.parse_args()
+  device = f"{jax.devices()[0].device_kind} ({platform.processor() or platform.machine()})"
+  summary = {"bench": "decode", "summary": True, "device": device}
+  for name, cfg in models(args.d_model).items():
+    per_ctx = {c: 1e3 * t for c, t in time_decode(cfg, args.contexts, args.steps, args.repeats).items()}
+    for context, ms in per_ctx.items():
+      print(json.dumps({"bench": "decode", "model": name, "pattern": cfg.pattern, "context": context,
+                        "ms_per_token": round(ms, 4), "device": device}), flush=True)
+    summary[f"{name}_ratio_{max(args.contexts)}_vs_{min(args.contexts)}"] = round(
+        per_ctx[max(args.contexts)] / per_ctx[min(args.contexts)], 3)
+  print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+  main()
