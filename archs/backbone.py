@@ -144,10 +144,12 @@ class Parallel(nnx.Module):
     self.ssm = mamba2.Mamba2(cfg, rngs, out_std=out_std)
     self.m = (cfg.attn_in_multiplier, cfg.attn_out_multiplier, cfg.ssm_in_multiplier, cfg.ssm_out_multiplier)
 
-  def __call__(self, x_BLD, positions_BL, segment_ids_BL=None, cache=None, cache_index=None):
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL=None, cache=None, cache_index=None, attn_mask=None):
     attn_in, attn_out, ssm_in, ssm_out = self.m
-    a, a_cache = self.attn(x_BLD * attn_in, positions_BL, segment_ids_BL, cache and cache["attn"], cache_index)
-    s, s_cache = self.ssm(x_BLD * ssm_in, positions_BL, segment_ids_BL, cache and cache["ssm"], cache_index)
+    a, a_cache = self.attn(x_BLD * attn_in, positions_BL, segment_ids_BL, cache and cache["attn"], cache_index,
+                           attn_mask)
+    s, s_cache = self.ssm(x_BLD * ssm_in, positions_BL, segment_ids_BL, cache and cache["ssm"], cache_index,
+                          attn_mask)
     return a * attn_out + s * ssm_out, (None if cache is None else {"attn": a_cache, "ssm": s_cache})
 
 
@@ -164,8 +166,8 @@ class Block(nnx.Module):
     self.mlp_norm = norm() if cfg.mlp else None
     self.mlp = MLP(cfg, rngs, out_std=out_std) if cfg.mlp else None
 
-  def __call__(self, x_BLD, positions_BL, segment_ids_BL=None, cache=None, cache_index=None):
-    h, cache = self.mixer(self.mixer_norm(x_BLD), positions_BL, segment_ids_BL, cache, cache_index)
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL=None, cache=None, cache_index=None, attn_mask=None):
+    h, cache = self.mixer(self.mixer_norm(x_BLD), positions_BL, segment_ids_BL, cache, cache_index, attn_mask)
     x_BLD = x_BLD + h
     if self.mlp is not None:
       x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
@@ -179,11 +181,11 @@ class Backbone(nnx.Module):
     self.blocks = nnx.List([Block(kind, cfg, rngs) for kind in cfg.pattern])
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
 
-  def __call__(self, x_BLD, positions_BL, segment_ids_BL=None, cache=None, cache_index=None):
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL=None, cache=None, cache_index=None, attn_mask=None):
     new_cache = []
     for i, block in enumerate(self.blocks):
       x_BLD, layer_cache = block(x_BLD, positions_BL, segment_ids_BL, None if cache is None else cache[i],
-                                 cache_index)
+                                 cache_index, attn_mask)
       new_cache.append(layer_cache)
     return self.final_norm(x_BLD), (None if cache is None else new_cache)
 

@@ -51,7 +51,7 @@ class Attention(nnx.Module):
     self.causal, self.rope_theta, self.impl = cfg.causal, cfg.rope_theta, cfg.attn_impl
     self.key_multiplier = cfg.attn_key_multiplier
 
-  def __call__(self, x_BLD, positions_BL, segment_ids_BL=None, cache=None, cache_index=None):
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL=None, cache=None, cache_index=None, attn_mask=None):
     q = rope(rearrange(self.q(x_BLD), "b l (h d) -> b l h d", h=self.n_heads), positions_BL, self.rope_theta)
     k = self.k(x_BLD) if self.key_multiplier == 1.0 else self.k(x_BLD) * self.key_multiplier
     k = rope(rearrange(k, "b l (h d) -> b l h d", h=self.kv_heads), positions_BL, self.rope_theta)
@@ -67,7 +67,8 @@ class Attention(nnx.Module):
                               segment_ids=(jnp.ones((b, 1), jnp.int32), visible_BS), impl=self.impl)
     else:
       # Full sequence, or a prefill that starts at an empty cache: the fresh keys are all there is.
-      out = kernels.attention(q, k, v, causal=self.causal, segment_ids=segment_ids_BL, impl=self.impl)
+      out = kernels.attention(q, k, v, causal=self.causal, segment_ids=segment_ids_BL, mask=attn_mask,
+                              impl=self.impl)
     return self.o(rearrange(out, "b l h d -> b l (h d)")), cache
 
 

@@ -119,8 +119,10 @@ class Mamba2(nnx.Module):
     y = self._gate(rearrange(y, "b l h p -> b l (h p)"), z)
     return self.out_proj(y.astype(self.compute_dtype)), final
 
-  def __call__(self, x_BLD, positions_BL, segment_ids_BL=None, cache=None, cache_index=None):
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL=None, cache=None, cache_index=None, attn_mask=None):
     del positions_BL
+    if attn_mask is not None:
+      raise ValueError("a Mamba-2 mixer cannot follow an arbitrary attention mask (block diffusion needs pattern 'A')")
     b, l, _ = x_BLD.shape
     seg = jnp.zeros((b, l), jnp.int32) if segment_ids_BL is None else segment_ids_BL
     if not self.causal:

@@ -29,10 +29,12 @@ def _check(q, k, v, causal, segment_ids, impl):
     raise ValueError("attention: a single segment_ids array needs equal q and kv lengths; pass (q_ids, kv_ids)")
 
 
-def _mask_BTS(q_len, kv_len, causal, segment_ids):
+def _mask_BTS(q_len, kv_len, causal, segment_ids, extra=None):
   """Boolean visibility mask (b or 1, T, S), or None when everything is visible."""
-  mask = None
-  if causal:
+  mask = None if extra is None else jnp.broadcast_to(extra, (extra.shape[0] if extra.ndim == 3 else 1, q_len, kv_len))
+  if causal and mask is not None:
+    mask = mask & jnp.tril(jnp.ones((q_len, kv_len), bool))[None]
+  elif causal:
     mask = jnp.tril(jnp.ones((q_len, kv_len), bool))[None]
   if segment_ids is not None:
     q_ids, kv_ids = segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
@@ -41,11 +43,11 @@ def _mask_BTS(q_len, kv_len, causal, segment_ids):
   return mask
 
 
-def _reference(q, k, v, causal, segment_ids, scale):
+def _reference(q, k, v, causal, segment_ids, scale, extra):
   groups = q.shape[2] // k.shape[2]
   q_BTKGD = rearrange(q.astype(jnp.float32), "b t (k g) d -> b t k g d", g=groups)
   logits_BKGTS = einsum(q_BTKGD, k.astype(jnp.float32), "b t k g d, b s k d -> b k g t s") * scale
-  mask = _mask_BTS(q.shape[1], k.shape[1], causal, segment_ids)
+  mask = _mask_BTS(q.shape[1], k.shape[1], causal, segment_ids, extra)
   if mask is not None:
     logits_BKGTS = jnp.where(mask[:, None, None], logits_BKGTS, _MASK_VALUE)
   probs = jax.nn.softmax(logits_BKGTS, axis=-1)
@@ -53,13 +55,13 @@ def _reference(q, k, v, causal, segment_ids, scale):
   return rearrange(out, "b t k g d -> b t (k g) d").astype(q.dtype)
 
 
-def _xla(q, k, v, causal, segment_ids, scale):
-  mask = _mask_BTS(q.shape[1], k.shape[1], causal, segment_ids)
+def _xla(q, k, v, causal, segment_ids, scale, extra):
+  mask = _mask_BTS(q.shape[1], k.shape[1], causal, segment_ids, extra)
   return jax.nn.dot_product_attention(
       q, k, v, mask=None if mask is None else mask[:, None], scale=scale, implementation="xla")
 
 
-def attention(q, k, v, *, causal, segment_ids=None, softmax_scale=None, impl="auto"):
+def attention(q, k, v, *, causal, segment_ids=None, softmax_scale=None, mask=None, impl="auto"):
   """softmax(q k^T * scale + mask) v with grouped KV heads.
 
   q: (b, T, h, d); k, v: (b, S, hk, d) with h % hk == 0.
@@ -67,10 +69,12 @@ def attention(q, k, v, *, causal, segment_ids=None, softmax_scale=None, impl="au
   segment_ids: (b, T) ints (tokens see only their own segment), or a pair (q_ids (b, T), kv_ids (b, S))
     e.g. to mask the unwritten slots of a KV cache.
   softmax_scale: defaults to d ** -0.5.
+  mask: optional boolean (T, S) or (b, T, S), True where a query may see a key, combined with the above
+    (e.g. block diffusion's block-causal two-halves mask).
   impl: "reference" (plain f32 einsums), "xla" (jax.nn.dot_product_attention), "auto" (best for backend).
   """
   _check(q, k, v, causal, segment_ids, impl)
   scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
   if impl == "reference":
-    return _reference(q, k, v, causal, segment_ids, scale)
-  return _xla(q, k, v, causal, segment_ids, scale)
+    return _reference(q, k, v, causal, segment_ids, scale, mask)
+  return _xla(q, k, v, causal, segment_ids, scale, mask)

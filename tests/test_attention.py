@@ -75,3 +75,17 @@ def test_errors_name_the_problem():
   q, k, v, _ = _inputs(1, 4, 2, 2, 8)
   with pytest.raises(ValueError, match="impl='cuda'"):
     attention(q, k, v, causal=True, impl="cuda")
+
+
+def test_explicit_mask_combines_with_causal_and_segments():
+  q, k, v, seg = _inputs(2, 12, 2, 2, 8)
+  rng = np.random.default_rng(0)
+  mask = jnp.asarray(rng.random((12, 12)) < 0.6) | jnp.eye(12, dtype=bool)
+  for impl in ("reference", "xla"):
+    out = attention(q, k, v, causal=True, segment_ids=seg, mask=mask, impl=impl)
+    # The same visibility written as one explicit (b, T, S) mask.
+    full = mask[None] & jnp.tril(jnp.ones((12, 12), bool))[None] & (seg[:, :, None] == seg[:, None, :])
+    want = attention(q, k, v, causal=False, mask=full, impl="reference")
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+  # and it does restrict: dropping the mask changes the output
+  assert not np.allclose(attention(q, k, v, causal=True, segment_ids=seg, impl="xla"), out, atol=1e-3)
