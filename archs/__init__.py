@@ -4,6 +4,7 @@ import importlib
 
 FAMILIES = {
     "lm": "archs.lm",  # autoregressive LM on any backbone pattern; "AAAA" is the transformer baseline
+    "diffusion": "archs.diffusion",  # masked diffusion (MDLM) and block diffusion (BD3-LM)
 }
 
 

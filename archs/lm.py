@@ -37,12 +37,13 @@ class LM(nnx.Module):
     x_BLD = self.embed(tokens_BL)
     return x_BLD if self.cfg.embed_multiplier == 1.0 else x_BLD * self.cfg.embed_multiplier
 
-  def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, cache=None, cache_index=None):
+  def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, cache=None, cache_index=None, attn_mask=None):
     """Logits (b, l, vocab) in float32 and the updated decode cache (None without one)."""
     if positions_BL is None:
       start = 0 if cache_index is None else cache_index
       positions_BL = jnp.broadcast_to(start + jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
-    h_BLD, cache = self.backbone(self.embed_tokens(tokens_BL), positions_BL, segment_ids_BL, cache, cache_index)
+    h_BLD, cache = self.backbone(self.embed_tokens(tokens_BL), positions_BL, segment_ids_BL, cache, cache_index,
+                                 attn_mask)
     return self.logits(h_BLD), cache
 
 

@@ -1,4 +1,4 @@
-"""The `altbench` command: train | eval RUN | sample RUN | report RUN...
+"""The `altbench` command: train | eval RUN | sample RUN | report RUN... | convert-hf HF_DIR --out RUN
 
 Exit codes: 0 done, 2 bad config, data or run directory, 3 non-finite loss, 130 interrupted (resumable).
 """
@@ -58,6 +58,12 @@ def cmd_sample(args):
     print(f"{prompt}{continuation}\n---")
 
 
+def cmd_convert_hf(args):
+  from train import convert_hf
+  _setup_jax(args)
+  convert_hf.convert(args.hf_dir, args.out, args.set or [])
+
+
 def cmd_report(args):
   from train import report
   print(report.report(args.runs, args.png))
@@ -87,6 +93,13 @@ def main(argv=None):
   p.add_argument("--top-p", type=float, default=0.95)
   p.add_argument("--seed", type=int, default=0)
   p.set_defaults(func=cmd_sample)
+
+  p = sub.add_parser("convert-hf", help="import a Hugging Face Llama, Mamba-2 or Falcon-H1 model as a run directory")
+  p.add_argument("hf_dir", help="directory with config.json and *.safetensors (save_pretrained output)")
+  p.add_argument("--out", required=True, help="run directory to create (eval, sample and load_run read it)")
+  p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                 help="override a field of the generated config, e.g. data.dataset=text:PATH")
+  p.set_defaults(func=cmd_convert_hf)
 
   p = sub.add_parser("report", help="table of runs' final metrics and a plot against FLOPs")
   p.add_argument("runs", nargs="+")

@@ -11,7 +11,8 @@ The mapping follows the modeling code of transformers 5.x (models/{llama,mamba2,
 * torch Linear weights (out, in) become flax kernels (in, out); the depthwise conv1d weight (C, 1, K)
   becomes conv_kernel (K, C) (tap i multiplies x[t - (K - 1 - i)] in both).
 * Mamba-2: HF gates before its grouped (n_groups) RMSNorm, so norm_before_gate=False; the block norms and
-  the gated norm share layer_norm_epsilon; no MLPs.
+  the gated norm share layer_norm_epsilon; no MLPs. residual_in_fp32 holds because converted runs compute in
+  float32 (model.dtype); with --set model.dtype=bfloat16 our residual stream would be bfloat16 too.
 * Falcon-H1: every multiplier has a Config field (embedding, lm_head, attention in/out/key, MLP gate/down,
   SSM in/out and the five in_proj "mup vector" segments); mamba_d_ssm sets ssm_inner_dim; mamba_rms_norm
   False drops the gated norm (ssm_norm=False).
@@ -212,8 +213,8 @@ def _check_dt_limit(f):
 
 def _ssm_width(f, d_model, expand_name, inner):
   """(ssm_expand, ssm_inner_dim) giving an SSM inner width of `inner`."""
-  expand = _as_float(f(expand_name))
-  if expand is not None and expand == int(expand) and int(expand) * d_model == inner:
+  expand = f.float(expand_name)
+  if expand == int(expand) and int(expand) * d_model == inner:
     return int(expand), 0
   return 2, inner
 
@@ -238,7 +239,8 @@ def model_config(hf):
   common = dict(d_model=d, vocab_size=vocab, tie_embeddings=f.bool("tie_word_embeddings"))
 
   if arch in ("llama", "falcon_h1"):
-    for name in ("attention_bias", "mlp_bias") + (("projectors_bias", "mamba_proj_bias") if arch == "falcon_h1" else ()):
+    biases = ("attention_bias", "mlp_bias") + (("projectors_bias", "mamba_proj_bias") if arch == "falcon_h1" else ())
+    for name in biases:
       f.require(name, (False,))
     heads = f.int("num_attention_heads")
     kv = f("num_key_value_heads") or heads
@@ -264,7 +266,7 @@ def model_config(hf):
     if hf.get("norm_before_gate", False) is not False:
       f.fail("norm_before_gate", hf["norm_before_gate"], "False (transformers' Mamba2 gates before the norm)")
     heads, headdim = f.int("num_heads"), f.int("head_dim")
-    inner = int(_as_float(f("expand")) * d)
+    inner = int(f.float("expand") * d)
     if inner != heads * headdim:
       f.fail("num_heads", heads, f"expand * hidden_size / head_dim = {inner} / {headdim}")
     expand, inner_dim = _ssm_width(f, d, "expand", inner)
@@ -278,7 +280,7 @@ def model_config(hf):
     block_types = hf.get("layers_block_type")
     if block_types is not None and set(block_types) != {"hybrid"}:
       f.fail("layers_block_type", block_types, "all 'hybrid' (attention and Mamba-2 in parallel)")
-    inner = f("mamba_d_ssm") or int(_as_float(f("mamba_expand")) * d)
+    inner = f.int("mamba_d_ssm") if f("mamba_d_ssm") is not None else int(f.float("mamba_expand") * d)
     heads = f.int("mamba_n_heads")
     headdim = f("mamba_d_head")
     headdim = inner // heads if headdim == "auto" else headdim
