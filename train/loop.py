@@ -17,6 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 import archs
@@ -56,6 +57,12 @@ def resolve(cfg, workdir):
   elif cfg.model.vocab_size < corpus.tokenizer.vocab_size:
     raise config.ConfigError(f"model.vocab_size={cfg.model.vocab_size}: smaller than the tokenizer's "
                              f"{corpus.tokenizer.vocab_size} (use 0 to take the tokenizer's)")
+  # Families name the special tokens they use as <name>_id fields (mask_id, eos_id, ...); -1 means "from the
+  # tokenizer".
+  specials = {f"{name.strip('<>')}_id": idx for name, idx in corpus.tokenizer.special.items()}
+  fill = {k: v for k, v in specials.items() if getattr(cfg.model, k, 0) == -1}
+  if fill:
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **fill))
   if saved is not None:
     changed = [f for f in config.diff(saved, config.to_dict(cfg)) if f not in config.RESUMABLE_CHANGES]
     if changed:
@@ -200,8 +207,12 @@ def train(cfg, workdir, log=print):
             "wall_s": prev_wall + wall, "energy_j": prev_energy + meter.joules(wall), "energy_source": meter.source}
 
   stop = {"signal": None}
-  handlers = {sig: signal.signal(sig, lambda signum, _: stop.update(signal=signum))
-              for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+  multi = jax.process_count() > 1
+  if not multi:
+    handlers = {sig: signal.signal(sig, lambda signum, _: stop.update(signal=signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+  else:  # JAX's preemption notifier takes SIGTERM on any process; all agree on the step to stop at (below)
+    handlers = {signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: os.kill(os.getpid(), signal.SIGTERM))}
 
   def check(s, out):
     host = {k: float(v) for k, v in out.items()}
@@ -228,6 +239,8 @@ def train(cfg, workdir, log=print):
         _log_train(pending, check, mlog, ledger, tcfg, bar)
       pending = (s + 1, out)
       done = s + 1
+      if multi and not stop["signal"] and multihost_utils.reached_preemption_sync_point(done):
+        stop["signal"] = signal.SIGTERM
       at_eval = tcfg.eval_every and done % tcfg.eval_every == 0 and done < tcfg.steps
       at_ckpt = tcfg.ckpt_every and done % tcfg.ckpt_every == 0 and done < tcfg.steps
       if at_eval or at_ckpt or stop["signal"]:

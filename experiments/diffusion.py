@@ -1,0 +1,46 @@
+"""Text diffusion against the AR transformer at equal training FLOPs on pystdlib (bits per byte; diffusion's
+is an upper bound from the NELBO).
+
+Variants (each with a "-smoke" suffix for a few CPU minutes):
+  ar            the causal transformer baseline ("AAAA")
+  mdlm          masked diffusion on the same transformer, bidirectional
+  mdlm-hybrid   masked diffusion on a bidirectional Mamba-2 / attention hybrid ("MAMA")
+  bd3-4, bd3-16 block diffusion with blocks of 4 and 16 tokens (twice the FLOPs per token: fewer steps)
+"" is mdlm. Every variant gets the same FLOPs budget: steps = budget / (FLOPs per step).
+"""
+
+import dataclasses
+
+import archs
+from archs import diffusion, lm
+from train.config import Config, DataConfig, TrainConfig, check_variant
+
+ARCHS = ("ar", "mdlm", "mdlm-hybrid", "bd3-4", "bd3-16")
+VARIANTS = ("", "smoke") + ARCHS + tuple(f"{a}-smoke" for a in ARCHS)
+
+
+def get_config(variant=""):
+  check_variant(variant, VARIANTS)
+  arch = variant.removesuffix("-smoke").removesuffix("smoke") or "mdlm"
+  smoke = variant.endswith("smoke")
+  width = dict(d_model=128, n_heads=4, pattern="AAA") if smoke else dict(d_model=256, n_heads=4, pattern="AAAA")
+  seq_len, batch = (128, 16) if smoke else (256, 16)
+  baseline_steps = 600 if smoke else 4000
+  if arch == "ar":
+    family, model = "lm", lm.Config(**width)
+  else:
+    family = "diffusion"
+    block = {"bd3-4": 4, "bd3-16": 16}.get(arch, 0)
+    model = diffusion.Config(**width, block_size=block)
+    if arch == "mdlm-hybrid":
+      model = dataclasses.replace(model, pattern="MAMA"[: len(width["pattern"]) + 1], d_state=32, ssm_headdim=32,
+                                  chunk_size=32)
+  # Equal training FLOPs: the AR baseline's budget divided by this model's FLOPs per step.
+  per_step = lambda fam, cfg: archs.get_family(fam).flops_per_token(dataclasses.replace(cfg, vocab_size=262),
+                                                                    seq_len) * seq_len * batch
+  budget = per_step("lm", lm.Config(**width)) * baseline_steps
+  steps = max(1, round(budget / per_step(family, model)))
+  data = DataConfig(seq_len=seq_len, eval_bytes=32768 if smoke else 131072)
+  train = TrainConfig(steps=steps, batch_size=batch, lr=2e-3, warmup_steps=min(200, steps // 10),
+                      eval_every=max(steps // 3, 1), ckpt_every=max(steps // 3, 1), sample_len=64 if smoke else 128)
+  return Config(family=family, model=model, data=data, train=train)
