@@ -42,5 +42,6 @@ def get_config(variant=""):
   steps = max(1, round(budget / per_step(family, model)))
   data = DataConfig(seq_len=seq_len, eval_bytes=32768 if smoke else 131072)
   train = TrainConfig(steps=steps, batch_size=batch, lr=2e-3, warmup_steps=min(200, steps // 10),
-                      eval_every=max(steps // 3, 1), ckpt_every=max(steps // 3, 1), sample_len=64 if smoke else 128)
+                      eval_every=max(steps // 3, 1), ckpt_every=max(steps // 3, 1), sample_len=64 if smoke else 128,
+                      eval_repeats=1 if arch == "ar" else 4)
   return Config(family=family, model=model, data=data, train=train)

@@ -48,6 +48,7 @@ class TrainConfig:
   eval_every: int = 250        # 0: only at the end
   ckpt_every: int = 250        # 0: only at the end (and on SIGINT/SIGTERM)
   keep_checkpoints: int = 3
+  eval_repeats: int = 1        # score the eval set this many times with fresh noise (diffusion: standard error)
   samples: int = 2             # samples printed and saved at the end
   sample_len: int = 200
   power_w: float = 0.0         # stated device power for the energy estimate; 0 picks a per-backend default
@@ -177,7 +178,8 @@ def validate(cfg):
     raise ConfigError(f"data.heldout_fraction={d.heldout_fraction}: must be in (0, 1)")
   positive = {"data.seq_len": d.seq_len, "data.eval_bytes": d.eval_bytes, "train.steps": t.steps,
               "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.lr": t.lr,
-              "train.log_every": t.log_every, "train.keep_checkpoints": t.keep_checkpoints}
+              "train.log_every": t.log_every, "train.keep_checkpoints": t.keep_checkpoints,
+              "train.eval_repeats": t.eval_repeats}
   for name, value in positive.items():
     if value <= 0:
       raise ConfigError(f"{name}={value}: must be positive")
@@ -203,7 +205,7 @@ def from_dict(d):
 # Fields that may differ when a run directory is resumed: they change when things are logged or saved,
 # not what is computed.
 RESUMABLE_CHANGES = {"train.log_every", "train.eval_every", "train.ckpt_every", "train.keep_checkpoints",
-                     "train.samples", "train.sample_len", "train.power_w"}
+                     "train.samples", "train.sample_len", "train.power_w", "train.eval_repeats"}
 
 
 def diff(a, b, prefix=""):

@@ -65,7 +65,7 @@ def make_train_step(family, graphdef, tx, tcfg):
 
 
 def make_eval_step(family, graphdef):
-  """eval(params, rest, batch) -> the family's loss metrics (sums) on one (batch, length) batch."""
-  def evaluate(params, rest, batch):
-    return family.loss(nnx.merge(graphdef, params, rest), batch, jax.random.key(0))[1]
+  """eval(params, rest, batch, rng) -> the family's loss metrics (sums) on one (batch, length) batch."""
+  def evaluate(params, rest, batch, rng):
+    return family.loss(nnx.merge(graphdef, params, rest), batch, rng)[1]
   return evaluate
