@@ -60,8 +60,9 @@ DEFAULT_POWER_W = {"cpu": 15.0 * (os.cpu_count() or 1), "gpu": 700.0, "tpu": 200
 class EnergyMeter:
   """Cumulative joules since start(): NVML or RAPL counters when readable, else power_w * elapsed seconds."""
 
-  def __init__(self, power_w=0.0):
+  def __init__(self, power_w=0.0, rapl_root="/sys/class/powercap"):
     backend = jax.default_backend()
+    self.rapl_root = rapl_root
     self.power_w = power_w or DEFAULT_POWER_W.get(backend, 100.0)
     self._read, self.source = None, f"estimated ({self.power_w:g} W stated for {backend})"
     if backend == "gpu":
@@ -81,7 +82,7 @@ class EnergyMeter:
       pass
 
   def _try_rapl(self):
-    zones = sorted(glob.glob("/sys/class/powercap/intel-rapl:[0-9]*/energy_uj"))
+    zones = sorted(glob.glob(os.path.join(self.rapl_root, "intel-rapl:[0-9]*/energy_uj")))
     try:
       ranges = [int(open(z.replace("energy_uj", "max_energy_range_uj")).read()) for z in zones]
       read_raw = lambda: [int(open(z).read()) for z in zones]
