@@ -5,6 +5,10 @@ import importlib
 FAMILIES = {
     "lm": "archs.lm",  # autoregressive LM on any backbone pattern; "AAAA" is the transformer baseline
     "diffusion": "archs.diffusion",  # masked diffusion (MDLM) and block diffusion (BD3-LM)
+    "coconut": "archs.coconut",  # continuous thoughts (Coconut) on any causal backbone; thoughts=0 is "lm"
+    "recurrent": "archs.recurrent",  # recurrent depth (Huginn): prelude, core iterated r times, coda
+    "megabyte": "archs.megabyte",  # bytes: global model over fixed patches, local model inside each
+    "blt": "archs.blt",  # bytes: Byte Latent Transformer, fixed / space / entropy patches, hash n-grams
 }
 
 

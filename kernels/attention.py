@@ -3,13 +3,31 @@
 Layout is (batch, length, heads, head_dim) for q, k and v; k and v may carry fewer heads than q
 (grouped-query attention) as long as they divide it. Masking uses a large finite negative value,
 so a row with no visible key gives a uniform average instead of NaN.
+
+Implementations (``impl=``):
+
+* ``"reference"``: plain float32 einsums over the full (T, S) score matrix; the ground truth.
+* ``"xla"``: ``jax.nn.dot_product_attention(implementation="xla")`` with a boolean mask.
+* ``"pallas"``: flash attention kernels (kernels/flash_attention.py): Triton on GPU, Mosaic on TPU,
+  forward and backward, O(L) memory. On a CPU backend they run in Pallas interpret mode (for tests;
+  slow). No dense ``mask`` (NotImplementedError). Tile sizes come from the table ``_BLOCKS`` there,
+  one entry per (backend, head_dim class 64/128/256).
+* ``"auto"``: ``"pallas"`` on GPU/TPU when it supports the call (no dense mask, head_dim <= 256) and
+  the query is at least ``AUTO_PALLAS_MIN_Q_LEN`` long (single-token decode steps are a matrix-vector
+  product that a flash tile would mostly pad), otherwise ``"xla"``; always ``"xla"`` on CPU. The
+  environment variable ALTBENCH_ATTENTION_AUTO=xla (or =pallas) overrides the choice on any backend.
 """
+
+import os
 
 import jax
 import jax.numpy as jnp
 from einops import einsum, rearrange
 
-IMPLS = ("auto", "reference", "xla")
+from kernels import flash_attention as _flash
+
+IMPLS = ("auto", "reference", "xla", "pallas")
+AUTO_PALLAS_MIN_Q_LEN = 16
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -71,10 +89,28 @@ def attention(q, k, v, *, causal, segment_ids=None, softmax_scale=None, mask=Non
   softmax_scale: defaults to d ** -0.5.
   mask: optional boolean (T, S) or (b, T, S), True where a query may see a key, combined with the above
     (e.g. block diffusion's block-causal two-halves mask).
-  impl: "reference" (plain f32 einsums), "xla" (jax.nn.dot_product_attention), "auto" (best for backend).
+  impl: "reference" (plain f32 einsums), "xla" (jax.nn.dot_product_attention), "pallas" (flash
+    attention kernels; interpreted on CPU), "auto" (pallas on GPU/TPU where supported, else xla).
   """
   _check(q, k, v, causal, segment_ids, impl)
   scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+  if impl == "auto":
+    impl = _auto_impl(q.shape, k.shape, mask)
   if impl == "reference":
     return _reference(q, k, v, causal, segment_ids, scale, mask)
+  if impl == "pallas":
+    return _flash.flash_attention(q, k, v, causal=causal, segment_ids=segment_ids, softmax_scale=scale,
+                                  mask=mask)
   return _xla(q, k, v, causal, segment_ids, scale, mask)
+
+
+def _auto_impl(q_shape, k_shape, mask):
+  forced = os.environ.get("ALTBENCH_ATTENTION_AUTO", "")
+  if forced:
+    if forced not in ("xla", "pallas", "reference"):
+      raise ValueError(f"ALTBENCH_ATTENTION_AUTO={forced!r}: expected xla, pallas or reference")
+    return forced
+  if (_flash.backend_target() is not None and q_shape[1] >= AUTO_PALLAS_MIN_Q_LEN
+      and _flash.supported(q_shape, k_shape, mask=mask)):
+    return "pallas"
+  return "xla"

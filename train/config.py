@@ -29,6 +29,15 @@ class DataConfig:
   eval_bytes: int = 131072     # held-out bytes every eval scores, identical for every tokenizer
   task_pairs: int = 16         # generated tasks: key-value pairs per example (mqar)
   eval_examples: int = 512     # generated tasks: held-out examples scored by eval
+  # Reasoning tasks (train/reasoning_tasks.py: reach, mult, vartrack); ignored by other datasets
+  task_mode: str = "cot"       # nocot | cot | pause | filler | coconut (continuous thoughts)
+  task_size: int = 0           # reach nodes / mult digits / vartrack variables (0: the task's default)
+  task_depth: int = 0          # reach path length (at most) / vartrack chain length (0: the task's default)
+  task_pause: int = 8          # pause mode: <pause> tokens before the answer
+  task_thoughts: int = 1       # coconut: continuous thoughts per replaced CoT step (c)
+  task_max_stage: int = 0      # coconut: the stage from which every step is latent (0: the task's most steps)
+  task_stage: int = -1         # coconut: a fixed stage; -1: task_stage_steps steps per stage (the final stage if 0)
+  task_stage_steps: int = 0    # coconut curriculum: training steps per stage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +168,9 @@ def validate(cfg):
     raise ConfigError(f"model: {type(cfg.model).__name__} is not the Config of family {cfg.family!r}")
   try:
     cfg.model.validate()
+    check_data = getattr(archs.get_family(cfg.family), "check_data", None)  # a family's needs of the data layout
+    if check_data is not None:
+      check_data(cfg.model, cfg.data)
   except ValueError as e:
     raise ConfigError(f"model.{e}") from None
   d, t = cfg.data, cfg.train
@@ -167,11 +179,17 @@ def validate(cfg):
   from train.tasks import TASKS
   if d.dataset != "pystdlib" and not d.dataset.startswith("text:") and d.dataset not in TASKS:
     raise ConfigError(f"data.dataset={d.dataset!r}: valid: 'pystdlib', 'text:PATH' or a task {sorted(TASKS)}")
-  if d.dataset in TASKS and d.seq_len < 4 * d.task_pairs:
+  if d.dataset == "mqar" and d.seq_len < 4 * d.task_pairs:
     raise ConfigError(f"data.seq_len={d.seq_len}: {d.dataset} with data.task_pairs={d.task_pairs} needs at least "
                       f"{4 * d.task_pairs}")
-  if d.dataset in TASKS and not 1 <= d.task_pairs <= 128:
+  if d.dataset == "mqar" and not 1 <= d.task_pairs <= 128:
     raise ConfigError(f"data.task_pairs={d.task_pairs}: valid: 1..128 (keys are distinct byte ids 0..127)")
+  from train import reasoning_tasks
+  if d.dataset in reasoning_tasks.TASKS:
+    try:
+      reasoning_tasks.layout(d)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
   if d.tokenizer == "bpe" and d.bpe_vocab_size <= 262:
     raise ConfigError(f"data.bpe_vocab_size={d.bpe_vocab_size}: must exceed the 256 bytes and specials")
   if not 0 < d.heldout_fraction < 1:

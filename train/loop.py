@@ -235,13 +235,9 @@ def train(cfg, workdir, log=print):
                           f"{ckpt.directory} is step {max(ckpt.manager.all_steps(), default=0)}")
     return host
 
-  def save(s, state_):
-    ckpt.save(s, state_)
-
   pending = None  # (step, device metrics) of the step before, fetched after the next is dispatched
   bar = tqdm(total=tcfg.steps, initial=start, desc=f"train {os.path.basename(workdir.rstrip('/'))}",
              disable=not main, dynamic_ncols=True, mininterval=1.0)
-  result = {}
   try:
     for s in range(start, tcfg.steps):
       batch = corpus.train_batch(tcfg.seed, s, tcfg.batch_size, seq_len)
@@ -266,13 +262,13 @@ def train(cfg, workdir, log=print):
         if main:
           bar.write(f"step {done}: " + " ".join(f"{k} {v:.4f}" for k, v in ev.items() if isinstance(v, float)))
       if at_ckpt or stop["signal"]:
-        save(done, state)
+        ckpt.save(done, state)
       if stop["signal"]:
         raise Interrupted(f"interrupted by signal {stop['signal']} at step {done}; checkpoint saved, rerun to resume")
     if pending is not None:
       _log_train(pending, check, mlog, ledger, tcfg, bar)
     bar.close()
-    save(tcfg.steps, state)
+    ckpt.save(tcfg.steps, state)
     result = evaluate(family, graphdef, state, corpus, cfg, mesh_)
     if mlog:
       mlog.write({**ledger(tcfg.steps), **result, "final": True})

@@ -1,4 +1,5 @@
-"""`altbench report`: a table of runs' final metrics and a plot of loss and bits per byte against FLOPs."""
+"""`altbench report`: a table of runs' final metrics, a plot of loss and bits per byte against FLOPs, and what
+general-purpose compressors achieve on the same held-out bytes."""
 
 import json
 import os
@@ -6,7 +7,7 @@ import os
 from train.metrics import read_jsonl
 
 
-def report(runs, png_path):
+def report(runs, png_path, compressors=True):
   rows, curves = [], []
   for run in runs:
     lines = read_jsonl(os.path.join(run, "metrics.jsonl"))
@@ -29,7 +30,36 @@ def report(runs, png_path):
     out.append(f"| {r['run']} | {r['family']} | {r['pattern']} | {r['step']} | {r['loss']:.4f} | "
                f"{r['eval_bpb']:.4f} | {r['flops']:.3g} | {r['wall_s']:.1f} | {r['energy_j']:.3g} |")
   out.append(f"\nenergy: {'; '.join(sorted({r['energy'] for r in rows}))}\nplot: {png_path}")
+  if compressors:
+    out += compressor_table([json.load(open(os.path.join(run, "config.json")))["config"]["data"] for run in runs])
   return "\n".join(out)
+
+
+def compressor_table(data_dicts):
+  """Lines of a table: what gzip, bzip2, xz (and zstd) achieve on the held-out bytes the runs are scored on."""
+  import dataclasses
+
+  from train import compressors
+  from train.config import DataConfig
+  from train.tasks import TASKS
+  fields = {f.name for f in dataclasses.fields(DataConfig)}
+  seen, lines = [], []
+  for d in data_dicts:
+    cfg = DataConfig(**{k: v for k, v in d.items() if k in fields})
+    key = (cfg.dataset, cfg.heldout_fraction, cfg.eval_bytes)
+    if key in seen or cfg.dataset in TASKS:  # generated tasks have no fixed held-out text
+      continue
+    seen.append(key)
+    try:
+      n, bpb = compressors.compressor_bpb(cfg)
+    except (OSError, ValueError) as e:
+      lines.append(f"| (compressors on {cfg.dataset}: {e}) | | | |")
+      continue
+    lines += [f"| {name} | {cfg.dataset} | {n} | {value:.4f} |" for name, value in bpb.items()]
+  if not lines:
+    return []
+  return ["\nCompressors (not models) on the same held-out bytes, whole text in one file, headers included:",
+          "| compressor | dataset | bytes | bpb |", "|---|---|---|---|"] + lines
 
 
 def _plot(curves, png_path):

@@ -66,6 +66,8 @@ def make_train_step(family, graphdef, tx, tcfg):
 
 def make_eval_step(family, graphdef):
   """eval(params, rest, batch, rng) -> the family's loss metrics (sums) on one (batch, length) batch."""
+  loss = getattr(family, "eval_loss", family.loss)  # a family may score held-out data differently (recurrent: fixed r)
+
   def evaluate(params, rest, batch, rng):
-    return family.loss(nnx.merge(graphdef, params, rest), batch, rng)[1]
+    return loss(nnx.merge(graphdef, params, rest), batch, rng)[1]
   return evaluate

@@ -8,6 +8,7 @@ loop reports `eval_acc`, the fraction of answers predicted exactly (argmax).
 
 import numpy as np
 
+from train import reasoning_tasks
 from train.data import ByteTokenizer
 
 EVAL_SEED = 1 << 30  # eval examples come from their own seed stream, apart from any training seed
@@ -24,11 +25,16 @@ def mqar_example(rng, seq_len, pairs):
   return tokens.astype(np.int32), answer
 
 
-TASKS = {"mqar": mqar_example}
+TASKS = {"mqar": mqar_example, **reasoning_tasks.TASKS}  # reach, mult, vartrack: see train/reasoning_tasks.py
 
 
 class TaskCorpus:
   """Batches of generated examples, padded to seq_len + 1 tokens; loss only on the answers."""
+
+  def __new__(cls, data_cfg):
+    if data_cfg.dataset in reasoning_tasks.TASKS:  # reasoning tasks have their own corpus (same interface)
+      return reasoning_tasks.ReasoningCorpus(data_cfg)
+    return super().__new__(cls)
 
   def __init__(self, data_cfg):
     self.cfg = data_cfg

@@ -13,43 +13,71 @@ What it measures
     --attn-max-gb, that case is skipped with a note in the JSON.
 
   The timed function is jax.jit(jax.grad(loss)) with loss = sum(out * fixed random cotangent), with
-  gradients w.r.t. every float input. Each case is compiled and run once (warmup), then timed
-  --repeats times (fewer if a case exceeds --budget-s seconds), each run ending with
-  block_until_ready; the reported time is the minimum, the least disturbed by other load.
+  gradients w.r.t. every float input. Each case is compiled and run once (warmup), then the cases
+  of one op are timed in --repeats interleaved rounds (a case stops early once its runs exceed
+  --budget-s seconds), each run ending with block_until_ready; the reported time is the minimum,
+  the least disturbed by other load on the machine.
 
 How to read it
   One JSON line per case: {"op", "L", "ms", "ms_per_token", "repeats"}, where ms_per_token = ms /
   (b * L). A line {"op": "ssd_reference_vs_xla", ...} compares the token-by-token lax.scan
-  reference with the chunked path at --ref-len. The last line has "ratio_8k_1k" (or, for other
-  --lengths, the longest over the shortest) for ssd and attention.
+  reference with the chunked path at --ref-len. The last line has "ratio": time at the longest L
+  over time at the shortest (8K / 1K by default) for ssd and attention.
 
   python experiments/bench/ssd_scaling.py [--b 2 --h 4 --p 32 --n 32 --chunk 64]
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
 import time
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kernels.ssd import ssd  # noqa: E402
+
+def load_ops():
+  """(ssd, attention or None, note on why attention is missing or None).
+
+  kernels/__init__.py imports both ops, so a broken or missing kernels.attention breaks the
+  package import; ssd is then loaded from its own file (it imports only jax and einops).
+  """
+  try:
+    from kernels.ssd import ssd
+    from kernels.attention import attention
+    return ssd, attention, None
+  except Exception as e:  # noqa: BLE001 - any failure just means "no attention numbers"
+    note = f"skipped: kernels.attention not importable ({type(e).__name__}: {e})"
+  spec = importlib.util.spec_from_file_location("ssd_standalone", os.path.join(ROOT, "kernels", "ssd.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.ssd, None, note
 
 
-def time_fwd_bwd(fn, args, repeats, budget_s):
-  """Min wall time in ms of fn(*args) over up to `repeats` runs after one warmup (compile) run."""
-  jax.block_until_ready(fn(*args))
-  times, start = [], time.perf_counter()
-  while len(times) < repeats and (not times or time.perf_counter() - start < budget_s):
-    t0 = time.perf_counter()
+def time_interleaved(cases, repeats, budget_s):
+  """Min wall ms per case over up to `repeats` rounds, after one warmup (compile) run of each.
+
+  Each round runs every case once, so load from other processes that comes and goes hits all
+  cases alike and the ratios between them stay meaningful. A case stops repeating once its
+  timed runs add up to budget_s. Returns {name: (min_ms, runs)}.
+  """
+  for fn, args in cases.values():
     jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return 1e3 * min(times), len(times)
+  times = {name: [] for name in cases}
+  for _ in range(repeats):
+    for name, (fn, args) in cases.items():
+      if times[name] and sum(times[name]) > budget_s:
+        continue
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - t0)
+  return {name: (1e3 * min(t), len(t)) for name, t in times.items()}
 
 
 def grad_of_weighted_sum(op, n_args):
@@ -60,7 +88,7 @@ def grad_of_weighted_sum(op, n_args):
   return jax.jit(jax.grad(loss, argnums=tuple(range(n_args))))
 
 
-def ssd_case(b, length, h, p, n, chunk, impl, rng):
+def ssd_case(ssd, b, length, h, p, n, chunk, impl, rng):
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   args = (f32(rng.standard_normal((b, length, h, p))), f32(rng.standard_normal((b, length, h))),
           f32(-np.exp(rng.uniform(-1, 1, h))), f32(0.5 * rng.standard_normal((b, length, 1, n))),
@@ -87,8 +115,9 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--budget-s", type=float, default=10.0, help="stop repeating a case after this long")
   parser.add_argument("--ref-len", type=int, default=1024, help="length for the reference-vs-xla line")
-  parser.add_argument("--attn-max-gb", type=float, default=4.0,
-                      help="skip attention where one float32 (b, h, L, L) score tensor exceeds this")
+  parser.add_argument("--attn-max-gb", type=float, default=1.0,
+                      help="skip attention where one float32 (b, h, L, L) score tensor exceeds this many "
+                           "GiB; the backward pass peaks at about 8x that (default: 8K is skipped)")
   parser.add_argument("--no-attention", action="store_true")
   args = parser.parse_args()
   lengths = [int(s) for s in args.lengths.split(",")]
@@ -98,49 +127,55 @@ def main():
                        backend=jax.default_backend(), devices=len(jax.devices()),
                        xla_flags=os.environ.get("XLA_FLAGS", ""))})
 
-  attention, attention_note = None, None
+  ssd, attention, attention_note = load_ops()
   if args.no_attention:
-    attention_note = "skipped: --no-attention"
-  else:
-    try:
-      from kernels.attention import attention
-    except ImportError as e:  # another engineer's module; the SSD numbers stand on their own
-      attention_note = f"skipped: kernels.attention not importable ({e})"
+    attention, attention_note = None, "skipped: --no-attention"
 
   ms = {"ssd": {}, "attention": {}}
-  for length in lengths:
-    fn, fargs = ssd_case(args.b, length, args.h, args.p, args.n, args.chunk, "xla", rng)
-    t, reps = time_fwd_bwd(fn, fargs, args.repeats, args.budget_s)
+  cases = {length: ssd_case(ssd, args.b, length, args.h, args.p, args.n, args.chunk, "xla", rng)
+           for length in lengths}
+  for length, (t, runs) in time_interleaved(cases, args.repeats, args.budget_s).items():
     ms["ssd"][length] = t
-    emit({"op": "ssd", "L": length, "ms": round(t, 3), "ms_per_token": t / (args.b * length),
-          "repeats": reps})
+    emit({"op": "ssd", "L": length, "ms": round(t, 3), "ms_per_token": round(t / (args.b * length), 6),
+          "repeats": runs})
+
+  cases = {}
   for length in lengths:
+    scores_gb = args.b * args.h * length * length * 4 / 2**30
     if attention is None:
       emit({"op": "attention", "L": length, "ms": None, "note": attention_note})
-      continue
-    scores_gb = args.b * args.h * length * length * 4 / 2**30
-    if scores_gb > args.attn_max_gb:
+    elif scores_gb > args.attn_max_gb:
       emit({"op": "attention", "L": length, "ms": None,
             "note": f"skipped: scores need {scores_gb:.1f} GiB > --attn-max-gb {args.attn_max_gb}"})
-      continue
-    fn, fargs = attention_case(attention, args.b, length, args.h, args.p, rng)
-    t, reps = time_fwd_bwd(fn, fargs, args.repeats, args.budget_s)
+    else:
+      cases[length] = attention_case(attention, args.b, length, args.h, args.p, rng)
+  for length, (t, runs) in time_interleaved(cases, args.repeats, args.budget_s).items():
     ms["attention"][length] = t
-    emit({"op": "attention", "L": length, "ms": round(t, 3), "ms_per_token": t / (args.b * length),
-          "repeats": reps})
+    emit({"op": "attention", "L": length, "ms": round(t, 3), "ms_per_token": round(t / (args.b * length), 6),
+          "repeats": runs})
+  del cases
 
-  ref_fn, ref_args = ssd_case(args.b, args.ref_len, args.h, args.p, args.n, args.chunk, "reference", rng)
-  xla_fn, _ = ssd_case(args.b, args.ref_len, args.h, args.p, args.n, args.chunk, "xla", rng)
-  t_ref, _ = time_fwd_bwd(ref_fn, ref_args, args.repeats, args.budget_s)
-  t_xla, _ = time_fwd_bwd(xla_fn, ref_args, args.repeats, args.budget_s)
+  ref_fn, ref_args = ssd_case(ssd, args.b, args.ref_len, args.h, args.p, args.n, args.chunk, "reference", rng)
+  xla_fn, _ = ssd_case(ssd, args.b, args.ref_len, args.h, args.p, args.n, args.chunk, "xla", rng)
+  timed = time_interleaved({"reference": (ref_fn, ref_args), "xla": (xla_fn, ref_args)}, args.repeats,
+                           args.budget_s)
+  t_ref, t_xla = timed["reference"][0], timed["xla"][0]
   emit({"op": "ssd_reference_vs_xla", "L": args.ref_len, "reference_ms": round(t_ref, 3),
         "xla_ms": round(t_xla, 3), "ratio": round(t_ref / t_xla, 2)})
 
+  # time(longest L) / time(shortest L) per op. Where attention skipped the longest lengths, its
+  # ratio over the lengths it did run is added, next to the length-squared ratio.
   lo, hi = min(lengths), max(lengths)
-  ratio = lambda d: round(d[hi] / d[lo], 2) if lo in d and hi in d else None
-  key = "ratio_8k_1k" if (lo, hi) == (1024, 8192) else f"ratio_{hi}_{lo}"
-  emit({key: {"ssd": ratio(ms["ssd"]), "attention": ratio(ms["attention"])}, "ssd_target": "<= 9",
-        **({"attention_note": attention_note} if attention_note else {})})
+  ratio = lambda d, a, b: round(d[b] / d[a], 2) if a in d and b in d else None
+  summary = {"ratio": {"ssd": ratio(ms["ssd"], lo, hi), "attention": ratio(ms["attention"], lo, hi)},
+             "L": [lo, hi], "ssd_target": "<= 9 (linear in L)"}
+  attn_hi = max(ms["attention"], default=None)
+  if attn_hi is not None and attn_hi != hi and lo in ms["attention"]:
+    summary["attention_measured"] = {"L": [lo, attn_hi], "ratio": ratio(ms["attention"], lo, attn_hi),
+                                     "length_squared_ratio": (attn_hi / lo) ** 2}
+  if attention_note:
+    summary["attention_note"] = attention_note
+  emit(summary)
 
 
 if __name__ == "__main__":
