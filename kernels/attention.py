@@ -12,10 +12,12 @@ Implementations (``impl=``):
   forward and backward, O(L) memory. On a CPU backend they run in Pallas interpret mode (for tests;
   slow). No dense ``mask`` (NotImplementedError). Tile sizes come from the table ``_BLOCKS`` there,
   one entry per (backend, head_dim class 64/128/256).
-* ``"auto"``: ``"pallas"`` on GPU/TPU when it supports the call (no dense mask, head_dim <= 256) and
-  the query is at least ``AUTO_PALLAS_MIN_Q_LEN`` long (single-token decode steps are a matrix-vector
-  product that a flash tile would mostly pad), otherwise ``"xla"``; always ``"xla"`` on CPU. The
-  environment variable ALTBENCH_ATTENTION_AUTO=xla (or =pallas) overrides the choice on any backend.
+* ``"auto"``: ``"pallas"`` on a single GPU/TPU when it supports the call (no dense mask, head_dim
+  <= 256) and the query is at least ``AUTO_PALLAS_MIN_Q_LEN`` long (single-token decode steps are a
+  matrix-vector product that a flash tile would mostly pad), otherwise ``"xla"``; always ``"xla"`` on
+  CPU. With more than one device it stays ``"xla"``: GSPMD cannot partition a pallas_call (it would
+  replicate q, k, v onto every device), so sharded runs need the kernel wrapped in shard_map first.
+  The environment variable ALTBENCH_ATTENTION_AUTO=xla (or =pallas) overrides the choice.
 """
 
 import os
@@ -110,7 +112,7 @@ def _auto_impl(q_shape, k_shape, mask):
     if forced not in ("xla", "pallas", "reference"):
       raise ValueError(f"ALTBENCH_ATTENTION_AUTO={forced!r}: expected xla, pallas or reference")
     return forced
-  if (_flash.backend_target() is not None and q_shape[1] >= AUTO_PALLAS_MIN_Q_LEN
+  if (_flash.backend_target() is not None and jax.device_count() == 1 and q_shape[1] >= AUTO_PALLAS_MIN_Q_LEN
       and _flash.supported(q_shape, k_shape, mask=mask)):
     return "pallas"
   return "xla"

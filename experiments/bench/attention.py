@@ -1,0 +1,163 @@
+"""Causal attention speed: our Pallas flash kernels against cuDNN, jax's Pallas mha and our XLA path.
+
+What it measures
+  For each sequence length L (default 1K, 2K, 4K, 8K, 16K) and head dim d (default 64, 128), bf16,
+  causal, MHA (kv heads = heads), with a fixed token budget per step (b = max(1, --tokens // L)) and
+  a fixed model width (h = --width // d), the time of
+    * "fwd+bwd": jax.jit(jax.grad(loss, (q, k, v))) with loss = sum(out * fixed cotangent), and
+    * "fwd":     jax.jit(attention)  (add or drop with --modes),
+  for these implementations:
+    * pallas:     kernels.attention(..., impl="pallas")         (ours, kernels/flash_attention.py)
+    * cudnn:      jax.nn.dot_product_attention(..., implementation="cudnn", is_causal=True)
+    * jax_pallas: jax.experimental.pallas.ops.gpu.attention.mha (jax's own Triton kernels, default
+                  block sizes; import guarded, skipped if absent or failing)
+    * xla:        kernels.attention(..., impl="xla")            (materialises the (L, L) scores;
+                  skipped where one (b, h, L, L) float32 score tensor exceeds --xla-max-gb)
+  Each case is compiled and run once, then timed --repeats times (each run ends with
+  block_until_ready); the reported time is the minimum.
+
+FLOPs (FlashAttention-2's convention, so numbers compare with published ones)
+  forward = 4 * b * h * L * L * d (two matmuls, 2 FLOPs per multiply-add), halved when causal;
+  backward = 2.5 * forward (five matmuls, one of them the recomputation of q k^T); the "fwd+bwd"
+  lines count forward + backward = 3.5 * forward. TFLOP/s = FLOPs / time. Time ratios do not depend
+  on the convention.
+
+How to read it
+  One JSON line per (L, d, mode, impl): {"L", "d", "b", "h", "mode", "impl", "ms", "tflops",
+  "max_abs_diff"} where max_abs_diff is the forward output's largest deviation from our pallas
+  output (a sanity check, bf16 rounding level ~1e-2 expected), or {"impl", "skipped": reason}.
+  Then one line per (L, d, mode) with "ms_over_pallas": {impl: ms_impl / ms_pallas}, i.e. > 1 where
+  ours is faster.
+
+  python experiments/bench/attention.py [--lengths 1024,2048 --dims 64,128 --modes fwd+bwd,fwd]
+
+On a CPU backend the Pallas kernels only run in interpret mode (far too slow to time) and cuDNN and
+Triton are absent: the script then runs a tiny configuration of the xla path only, and says so.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from kernels.attention import attention  # noqa: E402
+
+IMPLS = ("pallas", "cudnn", "jax_pallas", "xla")
+
+
+def flops(b, h, length, d, causal, mode):
+  fwd = 4 * b * h * length * length * d / (2 if causal else 1)
+  return fwd if mode == "fwd" else 3.5 * fwd
+
+
+def time_ms(fn, args, repeats):
+  """Min wall time in ms over `repeats` runs after one warmup (compile) run."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return 1e3 * min(times)
+
+
+def make_ops(scale):
+  """impl -> (b, L, h, d) causal attention function, or impl -> reason it is unavailable."""
+  ops = {
+      "pallas": lambda q, k, v: attention(q, k, v, causal=True, softmax_scale=scale, impl="pallas"),
+      "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                                           implementation="cudnn"),
+      "xla": lambda q, k, v: attention(q, k, v, causal=True, softmax_scale=scale, impl="xla"),
+  }
+  try:
+    from jax.experimental.pallas.ops.gpu import attention as jax_gpu_attention
+    ops["jax_pallas"] = lambda q, k, v: jax_gpu_attention.mha(q, k, v, segment_ids=None, sm_scale=scale,
+                                                              causal=True)
+  except Exception as e:  # noqa: BLE001 - any import problem just drops this comparison
+    ops["jax_pallas"] = f"import failed: {type(e).__name__}: {e}"
+  return ops
+
+
+def build(op, mode, cot):
+  if mode == "fwd":
+    return jax.jit(op)
+  loss = lambda q, k, v: jnp.sum(op(q, k, v).astype(jnp.float32) * cot)
+  return jax.jit(jax.grad(loss, (0, 1, 2)))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--lengths", default="1024,2048,4096,8192,16384")
+  parser.add_argument("--dims", default="64,128")
+  parser.add_argument("--modes", default="fwd+bwd,fwd")
+  parser.add_argument("--impls", default=",".join(IMPLS))
+  parser.add_argument("--tokens", type=int, default=16384, help="b * L per step")
+  parser.add_argument("--width", type=int, default=2048, help="h * d")
+  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--xla-max-gb", type=float, default=8.0)
+  args = parser.parse_args()
+  emit = lambda d: print(json.dumps(d), flush=True)
+  backend = jax.default_backend()
+  lengths = [int(x) for x in args.lengths.split(",")]
+  dims = [int(x) for x in args.dims.split(",")]
+  impls = args.impls.split(",")
+  modes = args.modes.split(",")
+  if backend == "cpu":
+    lengths, dims, impls, args.tokens, args.width, args.repeats = [256], [64], ["xla"], 256, 128, 2
+    emit({"note": "CPU backend: Pallas kernels would run in interpret mode (too slow to time), cuDNN "
+                  "and Triton are unavailable; running a tiny xla-only configuration to exercise the "
+                  "script"})
+  emit({"config": dict(backend=backend, device=str(jax.devices()[0].device_kind), jax=jax.__version__,
+                       dtype="bfloat16", causal=True, tokens=args.tokens, width=args.width,
+                       repeats=args.repeats, impls=impls, modes=modes),
+        "flop_formula": "fwd = 4*b*h*L*L*d/2 (causal); fwd+bwd = 3.5 * fwd (bwd = 2.5 * fwd)"})
+
+  for d in dims:
+    ops = make_ops(d ** -0.5)
+    for length in lengths:
+      b, h = max(1, args.tokens // length), max(1, args.width // d)
+      rng = np.random.default_rng(0)
+      q, k, v = (jnp.asarray(rng.standard_normal((b, length, h, d)), jnp.bfloat16) for _ in range(3))
+      cot = jnp.asarray(rng.standard_normal((b, length, h, d)), jnp.float32)
+      base = {"L": length, "d": d, "b": b, "h": h}
+      ref_out = None
+      for mode in modes:
+        ms = {}
+        for impl in impls:
+          op = ops.get(impl, f"unknown impl {impl!r}")
+          line = {**base, "mode": mode, "impl": impl}
+          if isinstance(op, str):
+            emit({**line, "skipped": op})
+            continue
+          if impl == "xla" and b * h * length * length * 4 / 2**30 > args.xla_max_gb:
+            emit({**line, "skipped": f"(b, h, L, L) float32 scores > --xla-max-gb {args.xla_max_gb}"})
+            continue
+          try:
+            t = time_ms(build(op, mode, cot), (q, k, v), args.repeats)
+            diff = None
+            if mode == modes[0]:  # forward sanity check against ours, once per case
+              out = jax.jit(op)(q, k, v).astype(jnp.float32)
+              if impl == impls[0]:
+                ref_out = out
+              elif ref_out is not None:
+                diff = float(jnp.max(jnp.abs(out - ref_out)))
+          except Exception as e:  # noqa: BLE001 - report and go on with the other impls
+            emit({**line, "skipped": f"{type(e).__name__}: {str(e)[:300]}"})
+            continue
+          ms[impl] = t
+          emit({**line, "ms": round(t, 3), "tflops": round(flops(b, h, length, d, True, mode) / t / 1e9, 2),
+                "max_abs_diff": diff})
+        if "pallas" in ms:
+          emit({**base, "mode": mode,
+                "ms_over_pallas": {i: round(t / ms["pallas"], 3) for i, t in ms.items() if i != "pallas"}})
+
+
+if __name__ == "__main__":
+  main()
