@@ -133,6 +133,21 @@ def test_reference_matches_closed_form():
     np.testing.assert_allclose(float(final[0, 0, 0, 0]), h_t[-1], rtol=1e-5, err_msg=impl)
 
 
+def test_segsum_is_stable_after_a_large_decay():
+  # Huge steps then tiny ones inside one chunk: the within-chunk cumsum of dt*A reaches -3200, so
+  # differencing it (cumsum[i] - cumsum[j]) would put ~2e-4 relative error into every decay
+  # factor of the tiny steps. The masked segment sum keeps the error at float32 rounding.
+  l = 64
+  dt = np.full((1, l, 1), 0.01, np.float32)
+  dt[0, :32, 0] = 100.0
+  rng = np.random.default_rng(9)
+  x, B, C = (jnp.asarray(rng.uniform(0.5, 1.5, shape), jnp.float32)
+             for shape in [(1, l, 1, 1), (1, l, 1, 1), (1, l, 1, 1)])
+  args = (x, jnp.asarray(dt), -jnp.ones((1,)), B, C, l)
+  y_ref, y_xla = (np.asarray(ssd(*args, impl=impl))[0, 32:, 0, 0] for impl in ("reference", "xla"))
+  np.testing.assert_allclose(y_xla, y_ref, rtol=2e-5)
+
+
 def test_dt_preprocessing():
   # softplus uses the threshold 20 (identity above), then dt_limit clamps; compare with feeding
   # the processed dt directly. Raw dt spans both softplus branches and both clamp bounds.

@@ -139,17 +139,21 @@ def main():
     emit({"op": "ssd", "L": length, "ms": round(t, 3), "ms_per_token": round(t / (args.b * length), 6),
           "repeats": runs})
 
-  cases = {}
+  cases, skipped = {}, {}
   for length in lengths:
     scores_gb = args.b * args.h * length * length * 4 / 2**30
     if attention is None:
-      emit({"op": "attention", "L": length, "ms": None, "note": attention_note})
+      skipped[length] = attention_note
     elif scores_gb > args.attn_max_gb:
-      emit({"op": "attention", "L": length, "ms": None,
-            "note": f"skipped: scores need {scores_gb:.1f} GiB > --attn-max-gb {args.attn_max_gb}"})
+      skipped[length] = f"skipped: scores need {scores_gb:.3g} GiB > --attn-max-gb {args.attn_max_gb}"
     else:
       cases[length] = attention_case(attention, args.b, length, args.h, args.p, rng)
-  for length, (t, runs) in time_interleaved(cases, args.repeats, args.budget_s).items():
+  timed = time_interleaved(cases, args.repeats, args.budget_s)
+  for length in lengths:
+    if length in skipped:
+      emit({"op": "attention", "L": length, "ms": None, "note": skipped[length]})
+      continue
+    t, runs = timed[length]
     ms["attention"][length] = t
     emit({"op": "attention", "L": length, "ms": round(t, 3), "ms_per_token": round(t / (args.b * length), 6),
           "repeats": runs})
@@ -170,7 +174,7 @@ def main():
   summary = {"ratio": {"ssd": ratio(ms["ssd"], lo, hi), "attention": ratio(ms["attention"], lo, hi)},
              "L": [lo, hi], "ssd_target": "<= 9 (linear in L)"}
   attn_hi = max(ms["attention"], default=None)
-  if attn_hi is not None and attn_hi != hi and lo in ms["attention"]:
+  if attn_hi is not None and lo < attn_hi < hi and lo in ms["attention"]:
     summary["attention_measured"] = {"L": [lo, attn_hi], "ratio": ratio(ms["attention"], lo, attn_hi),
                                      "length_squared_ratio": (attn_hi / lo) ** 2}
   if attention_note:
