@@ -47,3 +47,12 @@ def test_bf16_compute_trains(tmp_path):
   f32 = loop.train(tiny_config(steps=3), str(tmp_path / "f32"), log=lambda *a, **k: None)
   bf16 = loop.train(cfg, str(tmp_path / "bf16"), log=lambda *a, **k: None)
   assert abs(bf16["eval_bpb"] - f32["eval_bpb"]) < 0.05 * f32["eval_bpb"]
+
+
+def test_bench_runs_a_benchmark_and_names_unknown_ones(capsys):
+  import json
+  assert cli.main(["bench", "decode", "--contexts", "8", "24", "--steps", "2", "--repeats", "1", "--d-model", "32"]) == 0
+  lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+  assert {l.get("context") for l in lines if "context" in l} == {8, 24} and lines[-1]["summary"]
+  assert cli.main(["bench", "nope"]) == 2
+  assert "valid: [" in capsys.readouterr().err

@@ -64,6 +64,18 @@ def cmd_convert_hf(args):
   convert_hf.convert(args.hf_dir, args.out, args.set or [])
 
 
+def cmd_bench(args):
+  import runpy
+  from train.config import ConfigError
+  bench_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "bench")
+  names = sorted(f[:-3] for f in os.listdir(bench_dir) if f.endswith(".py") and not f.startswith("_"))
+  if args.name not in names:
+    raise ConfigError(f"benchmark {args.name!r} is not in {bench_dir}; valid: {names}")
+  path = os.path.join(bench_dir, args.name + ".py")
+  sys.argv = [path] + args.args
+  runpy.run_path(path, run_name="__main__")
+
+
 def cmd_report(args):
   from train import report
   print(report.report(args.runs, args.png))
@@ -100,6 +112,11 @@ def main(argv=None):
   p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                  help="override a field of the generated config, e.g. data.dataset=text:PATH")
   p.set_defaults(func=cmd_convert_hf)
+
+  p = sub.add_parser("bench", help="run a benchmark of experiments/bench/ (one JSON line per case)")
+  p.add_argument("name", help="benchmark name, e.g. train_throughput, decode, ssd_scaling, attention")
+  p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+  p.set_defaults(func=cmd_bench)
 
   p = sub.add_parser("report", help="table of runs' final metrics and a plot against FLOPs")
   p.add_argument("runs", nargs="+")
