@@ -51,7 +51,8 @@ def test_bf16_compute_trains(tmp_path):
 
 def test_bench_runs_a_benchmark_and_names_unknown_ones(capsys):
   import json
-  assert cli.main(["bench", "decode", "--contexts", "8", "24", "--steps", "2", "--repeats", "1", "--d-model", "32"]) == 0
+  assert cli.main(["bench", "decode", "--contexts", "8", "24", "--steps", "2", "--repeats", "1", "--d-model", "32",
+                   "--models", "transformer"]) == 0
   lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
   assert {l.get("context") for l in lines if "context" in l} == {8, 24} and lines[-1]["summary"]
   assert cli.main(["bench", "nope"]) == 2

@@ -63,10 +63,13 @@ def main():
   parser.add_argument("--d-model", type=int, default=256)
   parser.add_argument("--steps", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--models", nargs="+", default=["mamba2", "transformer"], choices=["mamba2", "transformer"])
   args = parser.parse_args()
   device = f"{jax.devices()[0].device_kind} ({platform.processor() or platform.machine()})"
   summary = {"bench": "decode", "summary": True, "device": device}
   for name, cfg in models(args.d_model).items():
+    if name not in args.models:
+      continue
     per_ctx = {c: 1e3 * t for c, t in time_decode(cfg, args.contexts, args.steps, args.repeats).items()}
     for context, ms in per_ctx.items():
       print(json.dumps({"bench": "decode", "model": name, "pattern": cfg.pattern, "context": context,
