@@ -1,0 +1,165 @@
+"""Latent reasoning on generated tasks: no-CoT, CoT, pause, filler, Coconut (with and without its curriculum)
+and recurrent depth, at matched parameters and matched training FLOPs.
+
+Tasks (train/reasoning_tasks.py): `reach` (ProsQA-like graph reachability, 24 nodes, paths of 2..5 steps) and
+`mult` (4 x 4 digit multiplication, reversed digits, iCoT steps). Variants are "<task>-<arch>", each with a
+"-smoke" suffix for a couple of CPU minutes (smaller graphs, 3 x 3 digits, a 64-wide model); "" is
+reach-coconut. Archs:
+  nocot        question <bot><eot> answer
+  cot          question <bot> steps <eot> answer (loss on the steps too)
+  pause        question <bot> <pause> x k <eot> answer, k = Coconut's number of thoughts, no loss on pauses
+  filler       question <bot> "." x len(CoT) <eot> answer (Pfau et al.'s filler tokens)
+  coconut      continuous thoughts, Coconut's curriculum: stage s (every steps/(max_stage + 2) steps) replaces
+               the first s steps by s * c thoughts; the last two shares of training at the final stage
+  coconut-nocurriculum   the final stage (all thoughts, answer only) from step 0
+  recurrent    recurrent depth on no-CoT data: prelude 1 block, core 2 blocks iterated r ~ lognormal-Poisson
+               times (mean E[r] = mean_iters + 1) with truncated backprop, coda 1 block; eval at a fixed r
+The token-level baselines run as family "coconut" with thoughts=0, which is archs.lm's model and loss exactly
+(tests/test_reasoning.py) plus the whole-answer exact-match metric ("exact" / "examples"). Every variant
+has the parameters of the same 4-block transformer (recurrent depth: MLP width matched for its adapter) and
+the CoT baseline's training FLOPs: steps = budget / FLOPs per step (Coconut's thought passes and the core's
+iterations cost more per step, so they take fewer steps). Read eval_exact (whole-answer exact match, see the
+loop) and eval_acc in metrics.jsonl; `python -m experiments.reasoning accuracy RUN` decodes greedily.
+
+`python -m experiments.reasoning cost [task] [--smoke]` times one training step of CoT, Coconut (recomputing and
+cached) and recurrent depth on this machine.
+"""
+
+import dataclasses
+import sys
+
+import archs
+from archs import coconut, recurrent
+from train import reasoning_tasks as rt
+from train.config import Config, DataConfig, TrainConfig, check_variant
+
+TASKS = ("reach", "mult")
+ARCHS = ("nocot", "cot", "pause", "filler", "coconut", "coconut-nocurriculum", "recurrent")
+VARIANTS = ("", "smoke") + tuple(f"{t}-{a}{s}" for t in TASKS for a in ARCHS for s in ("", "-smoke"))
+MODES = {"nocot": "nocot", "cot": "cot", "pause": "pause", "filler": "filler", "coconut": "coconut",
+         "coconut-nocurriculum": "coconut", "recurrent": "nocot"}
+
+
+def task_data(task, smoke, mode="cot", **kw):
+  knobs = {("reach", False): dict(task_size=24, task_depth=5, task_thoughts=1),
+           ("reach", True): dict(task_size=12, task_depth=3, task_thoughts=1),
+           ("mult", False): dict(task_size=4, task_thoughts=2),
+           ("mult", True): dict(task_size=3, task_thoughts=1)}[(task, smoke)]
+  data = DataConfig(dataset=task, task_mode=mode, eval_examples=128 if smoke else 1024, seq_len=4096, **knobs)
+  # One window for every mode of the task (the longest), so every variant sees the same tokens per step.
+  longest = max(rt.layout(dataclasses.replace(data, task_mode=m, task_pause=_thoughts(data))).window
+                for m in rt.MODES)
+  return dataclasses.replace(data, seq_len=-(-(longest - 1) // 8) * 8, task_pause=_thoughts(data), **kw)
+
+
+def _thoughts(data):
+  lay = rt.layout(dataclasses.replace(data, task_mode="coconut"))
+  return lay.max_stage * lay.thoughts
+
+
+def get_config(variant=""):
+  check_variant(variant, VARIANTS)
+  smoke = variant.endswith("smoke")
+  name = variant.removesuffix("-smoke").removesuffix("smoke") or "reach-coconut"
+  task, _, arch = name.partition("-")
+  width = dict(d_model=64, n_heads=2) if smoke else dict(d_model=256, n_heads=4)
+  batch, baseline_steps = (16, 200) if smoke else (64, 4000)
+  data = task_data(task, smoke, MODES[arch])
+  lay = rt.layout(data)
+  base = coconut.Config(pattern="AAAA", **width)  # with thoughts=0: archs.lm's transformer
+  if arch in ("coconut", "coconut-nocurriculum"):
+    family, model = "coconut", dataclasses.replace(base, thoughts=lay.max_stage * lay.thoughts,
+                                                   prefix_len=lay.prefix_len)
+  elif arch == "recurrent":
+    family = "recurrent"
+    iters = dict(mean_iters=2.0, max_iters=6, backprop_iters=2) if smoke else dict(mean_iters=4.0, max_iters=12,
+                                                                                   backprop_iters=4)
+    model = recurrent.Config(pattern="AAAA", prelude=1, coda=1, **width, **iters, vocab_size=262)
+    model = archs.match_params("recurrent", model, archs.param_count("lm", dataclasses.replace(base, vocab_size=262)))
+    model = dataclasses.replace(model, vocab_size=0)
+  else:
+    family, model = "coconut", base
+  # Matched training FLOPs: the CoT baseline's budget over this variant's FLOPs per step.
+  seq_len = data.seq_len
+  per_step = lambda fam, cfg: archs.get_family(fam).flops_per_token(dataclasses.replace(cfg, vocab_size=262),
+                                                                    seq_len) * seq_len * batch
+  steps = max(1, round(per_step("coconut", base) * baseline_steps / per_step(family, model)))
+  if arch == "coconut":
+    data = dataclasses.replace(data, task_stage_steps=max(1, steps // (lay.max_stage + 2)))
+  elif arch == "coconut-nocurriculum":
+    data = dataclasses.replace(data, task_stage=lay.max_stage)
+  train = TrainConfig(steps=steps, batch_size=batch, lr=3e-3 if smoke else 1e-3, warmup_steps=max(1, steps // 20),
+                      eval_every=max(1, steps // 4), ckpt_every=0 if smoke else max(1, steps // 4),
+                      samples=2, sample_len=lay.tail_len + 2, log_every=10)
+  return Config(family=family, model=model, data=data, train=train)
+
+
+# ----------------------------------------------------------------------------- tools
+
+
+def measure_cost(task="reach", smoke=False, batch=16, repeats=5):
+  """Seconds per jitted training step (median of `repeats`, interleaved) of CoT, Coconut recomputing the
+  sequence per thought, Coconut decoding thoughts from the prefix cache, and recurrent depth."""
+  import time
+
+  import jax
+  import numpy as np
+
+  from train import step
+  out, fns = {}, {}
+  for label, variant in (("cot", f"{task}-cot"), ("coconut-recompute", f"{task}-coconut"),
+                         ("coconut-cached", f"{task}-coconut"), ("recurrent", f"{task}-recurrent")):
+    cfg = get_config(variant + ("-smoke" if smoke else ""))
+    model = dataclasses.replace(cfg.model, vocab_size=262)
+    if cfg.family == "coconut":
+      model = dataclasses.replace(model, **rt.SPECIAL_IDS)
+    if label == "coconut-recompute":
+      model = dataclasses.replace(model, prefix_len=0)
+    data = dataclasses.replace(cfg.data, task_stage=-1, task_stage_steps=0)  # coconut: the final stage
+    family = archs.get_family(cfg.family)
+    tcfg = dataclasses.replace(cfg.train, batch_size=batch)
+    tx = step.make_optimizer(tcfg)
+    graphdef, state = step.init_state(family, model, tx, 0)
+    corpus = rt.ReasoningCorpus(dataclasses.replace(data, eval_examples=1))
+    b = {k: v[None] for k, v in corpus.train_batch(0, 0, batch, data.seq_len).items()}
+    fn = jax.jit(step.make_train_step(family, graphdef, tx, tcfg))
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(state, b, jax.random.key(0)))
+    fns[label] = (fn, state, b, time.perf_counter() - t0,
+                  family.flops_per_token(model, data.seq_len) * batch * data.seq_len)
+  times = {k: [] for k in fns}
+  for _ in range(repeats):
+    for label, (fn, state, b, _, _) in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(state, b, jax.random.key(1)))
+      times[label].append(time.perf_counter() - t0)
+  for label, (_, _, _, compile_s, flops) in fns.items():
+    out[label] = {"step_s": float(np.median(times[label])), "compile_s": compile_s, "analytic_flops": flops}
+  base = out["cot"]["step_s"]
+  for v in out.values():
+    v["vs_cot"] = v["step_s"] / base
+  return out
+
+
+def accuracy(run_dir, n=None, iters=None):
+  """Greedy-decoding answer accuracy of a finished run on its eval examples (recurrent: at each r in iters)."""
+  from flax import nnx
+
+  from train import loop
+  cfg, family, corpus, graphdef, state, _, step_ = loop.load_run(run_dir)
+  model = nnx.merge(graphdef, state["params"], state["rest"])
+  if cfg.family != "recurrent":
+    return {"step": step_, "accuracy": rt.generated_accuracy(family, model, corpus, n)[0]}
+  return {"step": step_, **{f"accuracy_r{r}": rt.generated_accuracy(family, model, corpus, n, iters=r)[0]
+                            for r in (iters or [cfg.model.iters_at_test])}}
+
+
+if __name__ == "__main__":
+  import json
+  if len(sys.argv) >= 2 and sys.argv[1] == "cost":
+    print(json.dumps(measure_cost(*(sys.argv[2:3] or ["reach"]), smoke="--smoke" in sys.argv), indent=1))
+  elif len(sys.argv) >= 3 and sys.argv[1] == "accuracy":
+    rs = [int(r) for r in sys.argv[3].split(",")] if len(sys.argv) > 3 else None
+    print(json.dumps(accuracy(sys.argv[2], iters=rs), indent=1))
+  else:
+    print(__doc__)

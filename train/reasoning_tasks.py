@@ -1,0 +1,509 @@
+"""Generated reasoning tasks for latent-reasoning experiments: no download, every example a pure function of its seed.
+
+Each example carries its question, its chain-of-thought steps, the answer and ground-truth intermediates
+(for probes of what a latent or recurrent state encodes):
+
+`reach`    ProsQA-like graph reachability (Hao et al., 2024, "Coconut"). A DAG of `size` nodes named by two
+           lowercase letters, written as edges "ab>cd" in random order, then "|start?c1/c2": exactly one
+           candidate is reachable from the start. The nodes reachable from the start form a layered graph
+           (every edge goes one BFS level down) with distractor branches, so the shortest path to the answer
+           is unique; the unreachable side has its own chain to the distractor candidate, of the same depth,
+           and edges into the reachable side. CoT: the path, one node per step (">cd"); intermediates: the
+           path node and the BFS frontier (all nodes at that distance from the start) at each step.
+`mult`     k x k digit multiplication, digits reversed (least significant first), in the implicit-CoT format
+           of Deng et al. (2023): the partial products a * b_j * 10^(j-1), each with the running sum after it
+           ("+pp(sum)"), the last one without (its sum is the answer). Intermediates: running-sum digits.
+`vartrack` Single assignments over `size` one-letter variables ("a=3", "b=a", "c=b+2", "d=c-7", arithmetic
+           mod 10), the queried variable at the end of a chain of `depth` assignments, other chains as
+           distractors; "?c". CoT: the chain's values in order ("a=3,"); intermediates: every variable's value
+           in assignment order.
+
+Byte encoding (ids 256+ are the tokenizer's specials), one example per row, the question left-padded so
+that <bot> sits at the same index `prefix_len - 1` in every row (continuous thoughts then decode from a
+shared prefix cache; pads are ordinary visible tokens, segment ids are all 1):
+
+    <pad>.. <eos> question <bot> body <eot> #answer <eos> <pad>..
+
+mode "nocot":   body empty;                        loss on "#answer<eos>"
+     "cot":     body = the CoT steps;              loss on the steps, <eot> and "#answer<eos>"
+     "pause":   body = `pause` x <pause>;          loss on "#answer<eos>" only (none on the pauses)
+     "filler":  body = "." x len(CoT bytes);       loss on "#answer<eos>" only
+     "coconut": stage s < max_stage: body = min(s, n_steps) * c <mask> placeholders (continuous thoughts:
+                the family replaces their embeddings), then <eot>, then the remaining steps and the answer
+                (Coconut's layout); stage >= max_stage: max_stage * c thoughts, <eot>, answer only. Loss on
+                the remaining steps and "#answer<eos>"; none on thoughts or <eot>. Stage 0 is CoT with the
+                steps after <eot>.
+
+Eval examples come from a fixed seed (EVAL_SEED, index); train examples from (train seed, step, row), and
+a train example whose question is an eval question is drawn again, so the splits are disjoint.
+"""
+
+import dataclasses
+import re
+
+import numpy as np
+
+from train.data import ByteTokenizer
+
+EVAL_SEED = 1 << 30
+_TRAIN_TAG = 7  # train streams are default_rng([_TRAIN_TAG, seed, step, row]); eval ones [EVAL_SEED, i]
+MODES = ("nocot", "cot", "pause", "filler", "coconut")
+DEFAULTS = {"reach": {"size": 24, "depth": 4}, "mult": {"size": 4, "depth": 0}, "vartrack": {"size": 12, "depth": 4}}
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  task: str
+  question: str
+  steps: tuple          # CoT steps (str), in order; "".join(steps) is the CoT text
+  answer: str           # without the "#" marker
+  intermediates: dict   # task-specific ground truth, one entry per CoT step where it applies
+
+
+# ----------------------------------------------------------------------------- reach
+
+
+def _reach_edges(size):
+  """Edges of a reach graph: one parent for every node but the 3 roots, plus size // 3 extra edges."""
+  return size - 3 + size // 3
+
+
+def reach(rng, size=24, depth=4):
+  if size < 2 * (depth + 1) + 2 or depth < 1:
+    raise ValueError(f"reach: size={size} must be at least 2 * (depth + 1) + 2 with depth={depth} >= 1")
+  codes = rng.choice(26 * 26, size=size, replace=False)
+  names = [LETTERS[c // 26] + LETTERS[c % 26] for c in codes]
+  d = int(rng.integers(min(2, depth), depth + 1))  # length of the path to the answer
+  n_r = max(d + 2, size // 2)
+  R, U = names[:n_r], names[n_r:]  # reachable from the start / not
+  start, path = R[0], R[:d + 1]
+  level = {v: i for i, v in enumerate(path)}
+  chain = U[:d + 1]  # the distractor candidate's own chain, as deep as the answer's
+  level.update({v: i for i, v in enumerate(chain)})
+  level[U[d + 1]] = 0  # a second root on the unreachable side
+  for v in R[d + 1:]:
+    level[v] = int(rng.integers(1, d + 2))
+  for v in U[d + 2:]:
+    level[v] = int(rng.integers(1, d + 2))
+  side = {v: (v in R) for v in names}
+  by_level = {}
+  for v in names:
+    by_level.setdefault((side[v], level[v]), []).append(v)
+  edges = []
+  fixed = set(path[1:]) | set(chain[1:])  # exactly one parent: the one before it on its chain
+  for nodes in (path, chain):
+    edges += [(a, b) for a, b in zip(nodes, nodes[1:])]
+  for v in names:
+    if v not in fixed and level[v] > 0:
+      parents = by_level[(side[v], level[v] - 1)]
+      edges.append((parents[int(rng.integers(len(parents)))], v))
+  # Extra edges: a second parent one level up on the same side (not into a path node: the path stays
+  # unique), or any edge from the unreachable side into the reachable one (it changes no reachability).
+  have = set(edges)
+  extra = _reach_edges(size) - len(edges)
+  while extra > 0:
+    if rng.random() < 0.5:
+      b = names[int(rng.integers(size))]
+      if b in fixed and side[b] or level[b] == 0:
+        continue
+      parents = by_level[(side[b], level[b] - 1)]
+      a = parents[int(rng.integers(len(parents)))]
+    else:
+      a, b = U[int(rng.integers(len(U)))], R[int(rng.integers(len(R)))]
+    if (a, b) not in have:
+      have.add((a, b))
+      edges.append((a, b))
+      extra -= 1
+  order = rng.permutation(len(edges))
+  target, distractor = path[-1], chain[-1]
+  c1, c2 = (target, distractor) if rng.random() < 0.5 else (distractor, target)
+  question = ",".join(f"{edges[i][0]}>{edges[i][1]}" for i in order) + f"|{start}?{c1}/{c2}"
+  frontiers, seen, frontier = [], {start}, [start]
+  children = {}
+  for a, b in edges:
+    children.setdefault(a, []).append(b)
+  for _ in range(d):
+    frontier = sorted({c for v in frontier for c in children.get(v, []) if c not in seen})
+    seen.update(frontier)
+    frontiers.append(frontier)
+  return Example("reach", question, tuple(f">{v}" for v in path[1:]), target,
+                 {"start": start, "path": list(path[1:]), "frontier": frontiers, "distractor": distractor})
+
+
+def check_reach(ex):
+  """Problems with a reach example, found by parsing the question and a BFS: [] when it is correct."""
+  m = re.fullmatch(r"((?:[a-z]{2}>[a-z]{2},)*[a-z]{2}>[a-z]{2})\|([a-z]{2})\?([a-z]{2})/([a-z]{2})", ex.question)
+  if not m:
+    return [f"question does not parse: {ex.question!r}"]
+  edges = [tuple(e.split(">")) for e in m.group(1).split(",")]
+  start, cands = m.group(2), (m.group(3), m.group(4))
+  graph = {}
+  for a, b in edges:
+    graph.setdefault(a, []).append(b)
+  dist, queue = {start: 0}, [start]
+  for v in queue:
+    for w in graph.get(v, []):
+      if w not in dist:
+        dist[w] = dist[v] + 1
+        queue.append(w)
+  problems = []
+  reachable = [c for c in cands if c in dist]
+  if len(reachable) != 1:
+    problems.append(f"{len(reachable)} candidates reachable")
+  elif ex.answer != reachable[0]:
+    problems.append(f"answer {ex.answer} but {reachable[0]} is the reachable candidate")
+  nodes = [start] + [s[1:] for s in ex.steps]
+  if any(len(s) != 3 or s[0] != ">" for s in ex.steps):
+    problems.append(f"steps {ex.steps} are not '>xy'")
+  for a, b in zip(nodes, nodes[1:]):
+    if b not in graph.get(a, []):
+      problems.append(f"step {a}>{b} is not an edge")
+  if nodes[-1] != ex.answer or len(ex.steps) != dist.get(ex.answer, -1):
+    problems.append(f"CoT {nodes} is not a shortest path to {ex.answer} (distance {dist.get(ex.answer)})")
+  return problems
+
+
+# ----------------------------------------------------------------------------- mult
+
+
+def _rev(value, width):
+  return str(value).zfill(width)[::-1]
+
+
+def mult(rng, size=4, depth=0):
+  del depth
+  k = size
+  a, b = (int(rng.integers(10 ** (k - 1), 10 ** k)) for _ in range(2))
+  question = f"{_rev(a, k)}*{_rev(b, k)}"
+  steps, sums, total = [], [], 0
+  for j in range(1, k + 1):
+    pp = a * (b // 10 ** (j - 1) % 10) * 10 ** (j - 1)
+    total += pp
+    sums.append([int(c) for c in _rev(total, k + j)])
+    if j == 1:
+      steps.append(_rev(pp, k + 1))
+    elif j < k:
+      steps.append(f"+{_rev(pp, k + j)}({_rev(total, k + j)})")
+    else:
+      steps.append(f"+{_rev(pp, k + j)}")
+  return Example("mult", question, tuple(steps), _rev(total, 2 * k), {"running_sum_digits": sums})
+
+
+def check_mult(ex):
+  m = re.fullmatch(r"(\d+)\*(\d+)", ex.question)
+  if not m:
+    return [f"question does not parse: {ex.question!r}"]
+  a, b = int(m.group(1)[::-1]), int(m.group(2)[::-1])
+  k = len(m.group(1))
+  problems = []
+  if int(ex.answer[::-1]) != a * b or len(ex.answer) != 2 * k:
+    problems.append(f"answer {ex.answer} is not {a} * {b} = {a * b} reversed")
+  running = 0
+  for j, step in enumerate(ex.steps, 1):
+    sm = re.fullmatch(r"\+?(\d+)(?:\((\d+)\))?", step)
+    if not sm:
+      problems.append(f"step {step!r} does not parse")
+      continue
+    pp = int(sm.group(1)[::-1])
+    if pp != a * int(str(b)[::-1][j - 1]) * 10 ** (j - 1):
+      problems.append(f"step {j}: partial product {pp} is wrong")
+    running += pp
+    if sm.group(2) is not None and int(sm.group(2)[::-1]) != running:
+      problems.append(f"step {j}: running sum {sm.group(2)} is wrong")
+  if len(ex.steps) != k or running != a * b:
+    problems.append(f"{len(ex.steps)} steps summing to {running}")
+  return problems
+
+
+# ----------------------------------------------------------------------------- vartrack
+
+
+def vartrack(rng, size=12, depth=4):
+  if not 1 <= depth <= size <= 26:
+    raise ValueError(f"vartrack: need 1 <= depth={depth} <= size={size} <= 26")
+  names = [LETTERS[i] for i in rng.choice(26, size=size, replace=False)]
+  chain, others = names[:depth], names[depth:]
+  values, statements, order = {}, [], []
+  i = j = 0
+
+  def assign(var, ref):
+    if ref is None:
+      v = int(rng.integers(10))
+      statements.append(f"{var}={v}")
+    else:
+      op = int(rng.integers(3))
+      k = int(rng.integers(1, 10))
+      v = [values[ref], (values[ref] + k) % 10, (values[ref] - k) % 10][op]
+      statements.append(f"{var}={ref}" + ["", f"+{k}", f"-{k}"][op])
+    values[var] = v
+    order.append(var)
+
+  while i < len(chain) or j < len(others):
+    if j == len(others) or (i < len(chain) and rng.random() < (len(chain) - i) / (len(chain) - i + len(others) - j)):
+      assign(chain[i], chain[i - 1] if i else None)
+      i += 1
+    else:
+      refs = [v for v in order if v != chain[-1]]
+      assign(others[j], refs[int(rng.integers(len(refs)))] if refs and rng.random() < 0.7 else None)
+      j += 1
+  query = chain[-1]
+  return Example("vartrack", ",".join(statements) + f"?{query}", tuple(f"{c}={values[c]}," for c in chain),
+                 str(values[query]), {"values": [(v, values[v]) for v in order], "chain": [(c, values[c]) for c in chain]})
+
+
+def check_vartrack(ex):
+  body, _, query = ex.question.partition("?")
+  env, refs = {}, {}
+  for s in body.split(","):
+    m = re.fullmatch(r"([a-z])=(?:(\d)|([a-z])(?:([+-])(\d))?)", s)
+    if not m or m.group(1) in env:
+      return [f"statement {s!r} does not parse or reassigns"]
+    var, const, ref, op, k = m.groups()
+    if const is not None:
+      env[var] = int(const)
+    else:
+      env[var] = (env[ref] + (int(k) if op == "+" else -int(k) if op == "-" else 0)) % 10
+      refs[var] = ref
+  problems = []
+  if str(env.get(query)) != ex.answer:
+    problems.append(f"answer {ex.answer} but {query} = {env.get(query)}")
+  chain, v = [], query
+  while v is not None:
+    chain.append(v)
+    v = refs.get(v)
+  expected = tuple(f"{c}={env[c]}," for c in reversed(chain))
+  if ex.steps != expected:
+    problems.append(f"CoT {ex.steps} is not the query's chain {expected}")
+  return problems
+
+
+GENERATORS = {"reach": reach, "mult": mult, "vartrack": vartrack}
+CHECKERS = {"reach": check_reach, "mult": check_mult, "vartrack": check_vartrack}
+TASKS = GENERATORS
+
+
+def bounds(task, size, depth):
+  """(question bytes, CoT bytes, answer bytes, CoT steps): upper bounds for the knobs."""
+  if task == "reach":
+    return 6 * _reach_edges(size) + 8, 3 * depth, 2, depth
+  if task == "mult":
+    k = size
+    cot = (k + 1) + sum(2 * (k + j) + 3 for j in range(2, k)) + (2 * k + 1 if k > 1 else 0)
+    return 2 * k + 1, cot, 2 * k, k
+  return 6 * size + 1, 4 * depth, 1, depth
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """The task knobs and format of a DataConfig, resolved."""
+  task: str
+  size: int
+  depth: int
+  mode: str
+  pause: int
+  thoughts: int     # c: continuous thoughts per replaced step
+  max_stage: int
+  prefix_len: int   # <eos> question <bot>, left-padded: <bot> at index prefix_len - 1
+  tail_len: int     # longest body <eot> #answer <eos>
+
+  @property
+  def window(self):
+    return self.prefix_len + self.tail_len
+
+
+def layout(data_cfg):
+  """Layout of a reasoning DataConfig; raises ValueError naming the bad field."""
+  task = data_cfg.dataset
+  if task not in GENERATORS:
+    raise ValueError(f"data.dataset={task!r}: not a reasoning task {sorted(GENERATORS)}")
+  size = data_cfg.task_size or DEFAULTS[task]["size"]
+  depth = data_cfg.task_depth or DEFAULTS[task]["depth"]
+  if data_cfg.task_mode not in MODES:
+    raise ValueError(f"data.task_mode={data_cfg.task_mode!r}: valid: {MODES}")
+  if task == "mult" and not 1 <= size <= 12:
+    raise ValueError(f"data.task_size={size}: mult digits must be 1..12")
+  if task == "reach" and (depth < 1 or size < 2 * (depth + 1) + 2 or size > 676):
+    raise ValueError(f"data.task_size={size}, data.task_depth={depth}: reach needs depth >= 1 and "
+                     f"2 * (depth + 1) + 2 <= size <= 676")
+  if task == "vartrack" and not 1 <= depth <= size <= 26:
+    raise ValueError(f"data.task_size={size}, data.task_depth={depth}: vartrack needs 1 <= depth <= size <= 26")
+  if data_cfg.task_pause < 0 or data_cfg.task_thoughts < 0 or data_cfg.task_max_stage < 0:
+    raise ValueError("data.task_pause, data.task_thoughts and data.task_max_stage must be >= 0")
+  q, cot, ans, steps = bounds(task, size, depth)
+  max_stage = data_cfg.task_max_stage or steps
+  body = {"nocot": 0, "cot": cot, "pause": data_cfg.task_pause, "filler": cot,
+          "coconut": max_stage * data_cfg.task_thoughts + cot}[data_cfg.task_mode]
+  lay = Layout(task, size, depth, data_cfg.task_mode, data_cfg.task_pause, data_cfg.task_thoughts, max_stage,
+               prefix_len=q + 2, tail_len=body + 1 + 1 + ans + 1)
+  if data_cfg.seq_len + 1 < lay.window:
+    raise ValueError(f"data.seq_len={data_cfg.seq_len}: {task} (size {size}, depth {depth}) in mode "
+                     f"{data_cfg.task_mode!r} needs at least {lay.window - 1}")
+  return lay
+
+
+SPECIAL = ByteTokenizer().special
+PAD, EOS, BOT, EOT, MASK, PAUSE = (SPECIAL[s] for s in ("<pad>", "<eos>", "<bot>", "<eot>", "<mask>", "<pause>"))
+SPECIAL_IDS = {"mask_id": MASK, "bot_id": BOT, "eot_id": EOT}  # archs.coconut's fields (the loop fills them too)
+
+
+def _bytes(text):
+  return list(text.encode("ascii"))
+
+
+def encode(ex, mode, *, pause=8, stage=0, thoughts=1, max_stage=None):
+  """(prefix ids, tail ids, tail scored): prefix = <eos> question <bot>; scored[i] marks tail[i] as a target
+  with loss. Coconut: stage s replaces the first s steps by s * thoughts continuous thoughts (<mask>)."""
+  prefix = [EOS] + _bytes(ex.question) + [BOT]
+  answer = _bytes("#" + ex.answer) + [EOS]
+  cot = _bytes("".join(ex.steps))
+  if mode == "nocot":
+    body, body_scored = [EOT], [False]
+  elif mode == "cot":
+    body, body_scored = cot + [EOT], [True] * (len(cot) + 1)
+  elif mode == "pause":
+    body, body_scored = [PAUSE] * pause + [EOT], [False] * (pause + 1)
+  elif mode == "filler":
+    body, body_scored = _bytes("." * len(cot)) + [EOT], [False] * (len(cot) + 1)
+  elif mode == "coconut":
+    max_stage = len(ex.steps) if max_stage is None else max_stage
+    if stage >= max_stage:
+      latent, rest = max_stage * thoughts, []
+    else:
+      skip = min(stage, len(ex.steps))
+      latent, rest = skip * thoughts, _bytes("".join(ex.steps[skip:]))
+    body, body_scored = [MASK] * latent + [EOT] + rest, [False] * (latent + 1) + [True] * len(rest)
+  else:
+    raise ValueError(f"mode={mode!r}: valid: {MODES}")
+  return prefix, body + answer, body_scored + [True] * len(answer)
+
+
+def encode_rows(examples, lay, seq_len, stage):
+  """Batch arrays for examples in lay's mode at a coconut stage; one example per row, <bot> at prefix_len - 1."""
+  windows = np.full((len(examples), seq_len + 1), PAD, np.int32)
+  scored = np.zeros((len(examples), seq_len + 1), bool)
+  for row, ex in enumerate(examples):
+    prefix, tail, tail_scored = encode(ex, lay.mode, pause=lay.pause, stage=stage, thoughts=lay.thoughts,
+                                       max_stage=lay.max_stage)
+    start = lay.prefix_len - len(prefix)
+    assert start >= 0 and lay.prefix_len + len(tail) <= seq_len + 1, (ex, lay)
+    windows[row, start:lay.prefix_len] = prefix
+    windows[row, lay.prefix_len:lay.prefix_len + len(tail)] = tail
+    scored[row, lay.prefix_len:lay.prefix_len + len(tail)] = tail_scored
+  inputs, targets, loss_mask = windows[:, :-1], windows[:, 1:], scored[:, 1:].astype(np.int32)
+  return {"inputs": inputs, "targets": targets, "segment_ids": np.ones_like(inputs), "loss_mask": loss_mask,
+          "nbytes": loss_mask}
+
+
+class ReasoningCorpus:
+  """Batches of generated reasoning examples (the TaskCorpus interface), plus the raw examples for probes."""
+
+  def __init__(self, data_cfg):
+    self.cfg = data_cfg
+    self.layout = layout(data_cfg)
+    self.tokenizer = ByteTokenizer()
+    self.generate = GENERATORS[data_cfg.dataset]
+    self.eval_bytes = 0
+    self._eval = [self._draw(np.random.default_rng([EVAL_SEED, i])) for i in range(data_cfg.eval_examples)]
+    self._eval_questions = {ex.question for ex in self._eval}
+    lay = self.layout
+    self.stats = {"task": lay.task, "mode": lay.mode, "size": lay.size, "depth": lay.depth,
+                  "prefix_len": lay.prefix_len, "window": lay.window, "max_stage": lay.max_stage,
+                  "eval_examples": data_cfg.eval_examples, "train_tokens": "generated",
+                  "vocab_size": self.tokenizer.vocab_size}
+
+  def _draw(self, rng):
+    return self.generate(rng, self.layout.size, self.layout.depth)
+
+  def stage(self, step):
+    """Coconut curriculum stage of a training step (the final stage for eval)."""
+    c = self.cfg
+    if c.task_stage >= 0:
+      return min(c.task_stage, self.layout.max_stage)
+    if c.task_stage_steps > 0:
+      return min(step // c.task_stage_steps, self.layout.max_stage)
+    return self.layout.max_stage
+
+  def train_examples(self, seed, step, batch_size):
+    out = []
+    for row in range(batch_size):
+      rng = np.random.default_rng([_TRAIN_TAG, seed, step, row])
+      ex = self._draw(rng)
+      while ex.question in self._eval_questions:  # keep train and test disjoint
+        ex = self._draw(rng)
+      out.append(ex)
+    return out
+
+  def eval_examples(self):
+    return list(self._eval)
+
+  def train_batch(self, seed, step, batch_size, seq_len):
+    return encode_rows(self.train_examples(seed, step, batch_size), self.layout, seq_len, self.stage(step))
+
+  def eval_batches(self, batch_size, seq_len):
+    n = len(self._eval)
+    rows = self._eval + self._eval[:1] * (-(-n // batch_size) * batch_size - n)
+    batches = []
+    for i in range(0, len(rows), batch_size):
+      batch = encode_rows(rows[i:i + batch_size], self.layout, seq_len, self.layout.max_stage)
+      batch["loss_mask"][max(0, n - i):] = 0  # rows past eval_examples only pad the last batch
+      batch["nbytes"] = batch["loss_mask"]
+      batches.append(batch)
+    return batches
+
+  def prompt_rows(self, examples):
+    """Per example, the tokens a model is given: up to <bot> for cot/coconut (it writes or thinks the rest),
+    through <eot> for nocot/pause/filler (their body is fixed input). Left-padded like the training rows."""
+    lay, out = self.layout, []
+    for ex in examples:
+      prefix, tail, scored = encode(ex, lay.mode, pause=lay.pause, stage=lay.max_stage, thoughts=lay.thoughts,
+                                    max_stage=lay.max_stage)
+      given = [] if lay.mode in ("cot", "coconut") else tail[:tail.index(EOT) + 1]
+      out.append(np.array([PAD] * (lay.prefix_len - len(prefix)) + prefix + given, np.int32))
+    return out
+
+  def prompts(self, n, length=None):
+    """Prompts of the first n eval examples, left-padded to a common width (only filler prompts differ)."""
+    del length
+    rows = self.prompt_rows(self._eval[:n])
+    width = max(len(r) for r in rows)
+    return np.stack([np.concatenate([np.full(width - len(r), PAD, np.int32), r]) for r in rows])
+
+
+def parse_answer(continuation):
+  """The answer text in generated ids: the bytes after the first '#' up to the next special token."""
+  ids = [int(i) for i in continuation]
+  if ord("#") not in ids:
+    return None
+  out = []
+  for i in ids[ids.index(ord("#")) + 1:]:
+    if i >= 256:
+      break
+    out.append(i)
+  return bytes(out).decode("ascii", errors="replace")
+
+
+def generated_accuracy(family, model, corpus, n=None, batch_size=64, **generate_kw):
+  """Greedy-decoding answer accuracy on the first n eval examples (the honest metric for CoT, whose
+  teacher-forced exact match conditions on the gold steps). Returns (accuracy, list of generated answers)."""
+  examples = corpus.eval_examples()[:n]
+  rows = corpus.prompt_rows(examples)
+  lay = corpus.layout
+  max_new = lay.tail_len + 2
+  answers = [None] * len(examples)
+  groups = {}
+  for i, r in enumerate(rows):
+    groups.setdefault(len(r), []).append(i)
+  import jax
+  for width, idx in sorted(groups.items()):
+    for s in range(0, len(idx), batch_size):
+      chunk = idx[s:s + batch_size]
+      out = np.asarray(family.generate(model, np.stack([rows[i] for i in chunk]), max_new, jax.random.key(0),
+                                       temperature=0.0, **generate_kw))
+      for i, row in zip(chunk, out):
+        answers[i] = parse_answer(row[width:])
+  correct = sum(a == ex.answer for a, ex in zip(answers, examples))
+  return correct / max(len(examples), 1), answers
