@@ -133,6 +133,10 @@ def evaluate(family, graphdef, state, corpus, cfg, mesh_):
     out["eval_bpb_se"] = float(np.std(bpbs, ddof=1) / np.sqrt(len(bpbs)))
   if "correct" in totals:
     out["eval_acc"] = totals["correct"] / totals["tokens"]
+  if "exact" in totals:  # whole answers right (reasoning tasks)
+    out["eval_exact"] = totals["exact"] / max(totals["examples"], 1.0)
+  if "iters" in totals:  # mean recurrences per token (recurrent depth)
+    out["eval_iters"] = totals["iters"] / totals["tokens"]
   return out
 
 
