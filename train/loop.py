@@ -277,7 +277,7 @@ def train(cfg, workdir, log=print):
     if mlog:
       mlog.write({**ledger(tcfg.steps), **result, "final": True})
     if main:
-      acc = f"; answer accuracy {result['eval_acc']:.4f}" if "eval_acc" in result else ""
+      acc = f"; argmax accuracy {result['eval_acc']:.4f} on scored tokens" if "eval_acc" in result else ""
       log(f"altbench: held-out {result['eval_bpb']:.4f} bits per byte (loss {result['eval_loss']:.4f} nats/token "
           f"over {result['eval_bytes']} bytes){acc}; energy {meter.source}")
     if tcfg.samples:
