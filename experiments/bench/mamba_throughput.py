@@ -1,0 +1,117 @@
+"""Training throughput: altbench's Mamba-2 LM (JAX/XLA, chunked SSD) against Hugging Face Mamba2ForCausalLM
+(PyTorch, its pure-torch chunked path on the CPU), same config, side by side in one process.
+
+Config: d_model 256, 4 Mamba-2 layers (no MLPs), d_state 64, headdim 64, expand 2, 1 group, chunk 64,
+conv width 4, vocab 256, batch 8, length 256, AdamW (lr 1e-3, betas 0.9/0.95, weight decay 0.1), float32.
+A step is forward + backward + clip + update. Rounds alternate the two frameworks (order flipping each
+round) and the median round is reported; the last line has ratio = altbench tokens/s / torch tokens/s.
+
+  python experiments/bench/mamba_throughput.py --steps 5 --repeats 5 [--out FILE]
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from archs import lm
+from train import step as train_step
+from train.config import TrainConfig
+
+D, LAYERS, STATE, HEADDIM, CHUNK, VOCAB = 256, 4, 64, 64, 64, 256
+
+
+def altbench_runner(tokens):
+  cfg = lm.Config(pattern="M" * LAYERS, mlp=False, d_model=D, d_state=STATE, ssm_headdim=HEADDIM, chunk_size=CHUNK,
+                  vocab_size=VOCAB, n_heads=4, norm_eps=1e-5)
+  tcfg = TrainConfig(steps=10**9, warmup_steps=0, lr=1e-3, b1=0.9, b2=0.95, weight_decay=0.1, grad_clip=1.0)
+  tx = train_step.make_optimizer(tcfg)
+  graphdef, state = train_step.init_state(lm, cfg, tx, 0)
+  fn = jax.jit(train_step.make_train_step(lm, graphdef, tx, tcfg), donate_argnums=0)
+  x = jnp.asarray(tokens)
+  batch = {"inputs": x[None, :, :-1], "targets": x[None, :, 1:], "segment_ids": jnp.zeros_like(x[None, :, 1:]),
+           "loss_mask": jnp.ones_like(x[None, :, 1:]), "nbytes": jnp.ones_like(x[None, :, 1:])}
+  box = {"state": state}
+
+  def run(n):
+    out = None
+    for i in range(n):
+      box["state"], out = fn(box["state"], batch, jax.random.key(i))
+    return float(jax.block_until_ready(out["loss"]))
+
+  return run, sum(v.size for v in jax.tree.leaves(state["params"]))
+
+
+def torch_runner(tokens):
+  import torch
+  from transformers import Mamba2Config, Mamba2ForCausalLM
+  torch.manual_seed(0)
+  cfg = Mamba2Config(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=LAYERS, state_size=STATE, head_dim=HEADDIM,
+                     num_heads=2 * D // HEADDIM, expand=2, n_groups=1, conv_kernel=4, chunk_size=CHUNK,
+                     layer_norm_epsilon=1e-5, tie_word_embeddings=False, use_bias=False, use_conv_bias=True)
+  model = Mamba2ForCausalLM(cfg).float().train()
+  decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+  no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+  opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                          lr=1e-3, betas=(0.9, 0.95))
+  x = torch.as_tensor(tokens, dtype=torch.long)
+
+  def run(n):
+    loss = None
+    for _ in range(n):
+      logits = model(x[:, :-1]).logits
+      loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+      opt.zero_grad(set_to_none=True)
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+      opt.step()
+    return loss.item()
+
+  return run, sum(p.numel() for p in model.parameters())
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--length", type=int, default=256)
+  parser.add_argument("--out")
+  args = parser.parse_args()
+  import torch
+  torch.set_num_threads(os.cpu_count())
+  tokens = np.random.default_rng(0).integers(0, VOCAB, (args.batch, args.length + 1))
+  runners = {"altbench": altbench_runner(tokens), "hf_torch": torch_runner(tokens)}
+  first = {name: run(1) for name, (run, _) in runners.items()}  # compile / warm up
+  times = {name: [] for name in runners}
+  for r in range(args.repeats):
+    for name in (list(runners) if r % 2 == 0 else list(runners)[::-1]):
+      t0 = time.perf_counter()
+      runners[name][0](args.steps)
+      times[name].append((time.perf_counter() - t0) / args.steps)
+  device = f"cpu x{os.cpu_count()} ({platform.processor() or platform.machine()})"
+  lines = []
+  for name, (_, params) in runners.items():
+    step_s = statistics.median(times[name])
+    lines.append({"bench": "mamba_throughput", "impl": name, "tokens_per_s": round(args.batch * args.length / step_s, 1),
+                  "step_ms": round(1e3 * step_s, 2), "params": int(params), "loss_first": round(first[name], 4),
+                  "ln_vocab": round(math.log(VOCAB), 4), "device": device, "jax": jax.__version__,
+                  "torch": torch.__version__})
+  lines.append({"bench": "mamba_throughput", "ratio": round(lines[0]["tokens_per_s"] / lines[1]["tokens_per_s"], 3),
+                "target": ">= 2 on a 2-core CPU"})
+  for line in lines:
+    print(json.dumps(line), flush=True)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.writelines(json.dumps(l) + "\n" for l in lines)
+
+
+if __name__ == "__main__":
+  main()
