@@ -18,8 +18,16 @@ weights and call sites port over unchanged. ``ssd`` is the single entry point;
   carried across chunks, so work is linear in the length. On CPU the chunks are
   processed a few at a time (a scan over cache-sized blocks of chunks), so that
   time stays linear in the length too.
-* ``"auto"``: the best available path (``"xla"`` for now; a Pallas kernel will
-  be dispatched from here).
+* ``"pallas"``: the chunked algorithm as Pallas kernels with a hand-written
+  backward (kernels/ssd_pallas.py): Triton on GPU, Mosaic on TPU. On a CPU
+  backend they run in Pallas interpret mode (for tests; slow). Matmul operands
+  stay in the input dtype (bf16 in, float32 accumulation), so for bf16 inputs
+  it is not bit-for-bit the float32 math of the other paths.
+* ``"auto"``: ``"pallas"`` on a single GPU/TPU when ``ssd_pallas.supported``
+  accepts the call and the sequence is at least ``AUTO_PALLAS_MIN_LEN`` long,
+  otherwise ``"xla"``; always ``"xla"`` on CPU. With more than one device it
+  stays ``"xla"``: GSPMD cannot partition a pallas_call. The environment
+  variable ALTBENCH_SSD_AUTO=xla (or =pallas, =reference) overrides the choice.
 
 Packed documents (``seq_idx``). The state is reset to zero wherever ``seq_idx``
 changes between consecutive positions, so no information flows between
@@ -47,12 +55,15 @@ never evaluating an ``exp`` that could overflow, even in a branch that a
 import functools
 import math
 import numbers
+import os
 
 import jax
 import jax.numpy as jnp
 from einops import einsum, rearrange
 
-IMPLS = ("auto", "reference", "xla")
+IMPLS = ("auto", "reference", "xla", "pallas")
+# impl="auto" leaves short calls (decode-like) to XLA: a Pallas launch would mostly pad one chunk.
+AUTO_PALLAS_MIN_LEN = 16
 
 # Same threshold as torch.nn.functional.softplus / mamba_ssm: above it,
 # softplus(x) == x to float32 precision.
@@ -140,7 +151,7 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states
     dt_softplus: apply softplus (threshold 20) to dt + dt_bias.
     dt_limit: (lo, hi) clamp of dt after the softplus.
     return_final_states: also return the state after the last position.
-    impl: "auto", "reference" or "xla".
+    impl: "auto", "reference", "xla" or "pallas" (see the module docstring).
 
   Returns:
     y (batch, seqlen, nheads, headdim) in x's dtype, or (y, final_states) with
@@ -150,11 +161,43 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states
     raise ValueError(f"ssd: unknown impl {impl!r}; valid choices are {IMPLS}")
   _check_shapes(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx)
   if impl == "auto":
-    # Pallas kernels (GPU/TPU) will be selected here, falling back to XLA.
-    impl = "xla"
+    impl = _auto_impl(x.shape, B.shape, x.dtype)
+  if impl == "pallas":
+    from kernels import ssd_pallas  # imported here: ssd_pallas imports this module
+    return ssd_pallas.ssd_pallas(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
+                                 initial_states=initial_states, seq_idx=seq_idx, dt_softplus=dt_softplus,
+                                 dt_limit=dt_limit, return_final_states=return_final_states)
   return _ssd(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size=int(chunk_size),
               dt_softplus=dt_softplus, dt_limit=tuple(dt_limit), return_final_states=return_final_states,
               impl=impl)
+
+
+def _auto_impl(x_shape, B_shape, dtype):
+  """What impl="auto" runs: pallas on one GPU/TPU where supported, else xla (see module docstring)."""
+  forced = os.environ.get("ALTBENCH_SSD_AUTO", "")
+  if forced:
+    if forced not in ("xla", "pallas", "reference"):
+      raise ValueError(f"ALTBENCH_SSD_AUTO={forced!r}: expected xla, pallas or reference")
+    return forced
+  from kernels import ssd_pallas
+  if (ssd_pallas.backend_target() is not None and jax.device_count() == 1
+      and x_shape[1] >= AUTO_PALLAS_MIN_LEN and ssd_pallas.supported(x_shape, B_shape, dtype)):
+    return "pallas"
+  return "xla"
+
+
+def _process_dt(dt, dt_bias, dt_softplus, dt_limit):
+  """dt as the recurrence uses it (float32): + dt_bias, softplus, clamp to dt_limit. Shared by all impls."""
+  f32 = jnp.float32
+  dt_BLH = dt.astype(f32)
+  if dt_bias is not None:
+    dt_BLH = dt_BLH + dt_bias.astype(f32)
+  if dt_softplus:
+    dt_BLH = _softplus(dt_BLH)
+  # Skipped at the default so that the clip cannot halve gradients at dt == 0.
+  if tuple(dt_limit) != (0.0, float("inf")):
+    dt_BLH = jnp.clip(dt_BLH, dt_limit[0], dt_limit[1])
+  return dt_BLH
 
 
 @functools.partial(
@@ -164,14 +207,7 @@ def _ssd(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, *, chunk_size, 
   """ssd after validation: dt preprocessing, the chosen path, then the D skip and z gate."""
   f32 = jnp.float32
   x_BLHP = x.astype(f32)
-  dt_BLH = dt.astype(f32)
-  if dt_bias is not None:
-    dt_BLH = dt_BLH + dt_bias.astype(f32)
-  if dt_softplus:
-    dt_BLH = _softplus(dt_BLH)
-  # Skipped at the default so that the clip cannot halve gradients at dt == 0.
-  if dt_limit != (0.0, float("inf")):
-    dt_BLH = jnp.clip(dt_BLH, dt_limit[0], dt_limit[1])
+  dt_BLH = _process_dt(dt, dt_bias, dt_softplus, dt_limit)
   A_H = A.astype(f32)
   B_BLGN = B.astype(f32)
   C_BLGN = C.astype(f32)

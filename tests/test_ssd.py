@@ -243,8 +243,8 @@ def test_auto_is_xla():
 
 def test_bad_impl_raises():
   inputs = make_inputs(7, l=8, with_z=False)
-  with pytest.raises(ValueError, match=r"'pallas'.*'reference'.*'xla'"):
-    ssd(inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], 4, impl="pallas")
+  with pytest.raises(ValueError, match=r"'triton'.*'reference'.*'xla'.*'pallas'"):
+    ssd(inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], 4, impl="triton")
 
 
 @pytest.mark.parametrize("arg,value,match", [
