@@ -104,7 +104,7 @@ def test_block_causal_mask_through_gradients():
     h, _ = model.backbone(emb, positions, jnp.zeros((1, 2 * l), jnp.int32), attn_mask=D.bd3_mask(l, 4))
     return model.logits(h)[0, 4 * k:4 * k + 4].sum()
 
-  g = jnp.abs(jax.grad(block_loss)(emb))[0].max(-1)
+  g = jnp.abs(jax.jit(jax.grad(block_loss))(emb))[0].max(-1)
   noisy, clean = g[:l], g[l:]
   assert float(noisy[4:8].min()) > 0 and float(clean[:4].min()) > 0       # own noisy block, earlier clean
   assert float(noisy[:4].max()) == 0 and float(noisy[8:].max()) == 0      # other noisy blocks
@@ -116,12 +116,14 @@ def test_bd3_block_1_is_autoregressive():
   l = 6
   x = jax.random.randint(jax.random.key(3), (2, l), 0, 256)
   terms, _, _ = D.nelbo_terms(model, cfg, x, jnp.ones_like(x), jnp.ones((2, l)), jnp.zeros((2, l)))  # t=1: all masked
-  for i in range(l):  # the same network run causally on x_<i followed by a <mask> at position i
-    inp = jnp.concatenate([x[:, :i], jnp.full((2, 1), MASK)], 1)
-    logits, _ = model(inp, segment_ids_BL=jnp.zeros_like(inp), attn_mask=jnp.tril(jnp.ones((i + 1, i + 1), bool)))
-    lp = D.subs_log_probs(logits, inp, MASK)[:, -1]
-    nll = -jnp.take_along_axis(lp, x[:, i:i + 1], -1)[:, 0]
-    np.testing.assert_allclose(terms[:, i], (1 - cfg.eps) * nll, rtol=1e-4, atol=1e-5)
+  # The same network run causally on x_<i followed by a <mask> at position i (what follows position i cannot
+  # matter under the causal mask): row i of a batch of l sequences answers for position i.
+  rows = jnp.where(jnp.eye(l, dtype=bool)[None], MASK, x[:, None, :]).reshape(2 * l, l)
+  logits, _ = jax.jit(lambda r: model(r, segment_ids_BL=jnp.zeros_like(r), attn_mask=jnp.tril(jnp.ones((l, l), bool))))(rows)
+  lp = D.subs_log_probs(logits, rows, MASK).reshape(2, l, l, -1)
+  at_i = lp[:, jnp.arange(l), jnp.arange(l)]                      # (2, l, V): row i, position i
+  nll = -jnp.take_along_axis(at_i, x[..., None], -1)[..., 0]
+  np.testing.assert_allclose(terms, (1 - cfg.eps) * nll, rtol=1e-4, atol=1e-5)
 
 
 def test_bd3_block_L_equals_mdlm():
@@ -131,10 +133,10 @@ def test_bd3_block_L_equals_mdlm():
   x = jax.random.randint(jax.random.key(4), (3, l), 0, 256)
   t = D.draw_times(jax.random.key(5), (3, 1), cfg_m.eps, True)
   u = jax.random.uniform(jax.random.key(6), (3, l))
-  mdlm, _, _ = D.nelbo_terms(model, cfg_m, x, jnp.ones_like(x), t, u)
+  mdlm, _, _ = jax.jit(lambda: D.nelbo_terms(model, cfg_m, x, jnp.ones_like(x), t, u))()
   model_b = nnx.merge(*nnx.split(model))
   model_b.cfg = cfg_b
-  bd3, _, _ = D.nelbo_terms(model_b, cfg_b, x, jnp.ones_like(x), t, u)
+  bd3, _, _ = jax.jit(lambda: D.nelbo_terms(model_b, cfg_b, x, jnp.ones_like(x), t, u))()
   np.testing.assert_allclose(bd3, mdlm, rtol=1e-4, atol=1e-5)
   assert float(jnp.abs(mdlm).sum()) > 0
 
