@@ -78,8 +78,9 @@ def test_kv_cache_decoding_equals_full_forward(kv_heads, tie):
   step_logits = []
   logits, cache = model(out[:, :7], cache=cache, cache_index=0)
   step_logits.append(logits)
+  decode = jax.jit(lambda token, cache, i: model(token, cache=cache, cache_index=i))
   for i in range(7, 16):
-    logits, cache = model(out[:, i:i + 1], cache=cache, cache_index=i)
+    logits, cache = decode(out[:, i:i + 1], cache, i)
     step_logits.append(logits)
   np.testing.assert_allclose(jnp.concatenate(step_logits, 1), full, atol=2e-5, rtol=1e-5)
 

@@ -51,8 +51,9 @@ def test_decode_with_states_equals_full_forward(pattern, mlp, groups):
   cache = lm.backbone.init_cache(cfg, 2, 21)
   logits, cache = model(tokens[:, :11], cache=cache, cache_index=0)  # prefill by the chunked scan
   steps = [logits]
+  decode = jax.jit(lambda token, cache, i: model(token, cache=cache, cache_index=i))
   for i in range(11, 21):
-    logits, cache = model(tokens[:, i:i + 1], cache=cache, cache_index=i)
+    logits, cache = decode(tokens[:, i:i + 1], cache, i)
     steps.append(logits)
   np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-4, rtol=1e-4)
   out = lm.generate(model, tokens[:, :5], 6, jax.random.key(0), temperature=0)
