@@ -6,33 +6,53 @@ What it measures
   (704), vocabulary 256, RMSNorm eps 1e-5, RoPE theta 1e4, untied embeddings, float32 everywhere,
   AdamW (lr 1e-3, betas (0.9, 0.95), weight decay 0.1 on matrices only, eps 1e-8), global-norm
   clipping at 1.0. A step is forward + backward + clip + AdamW update on one (batch, length) batch
-  of random byte tokens.
+  of uniformly random byte tokens (a fresh batch every step, so the loss stays near ln 256 and every
+  round does the same work).
 
   * altbench: the real train step (`train.step.make_optimizer`, `init_state`, `make_train_step`
-    with a `train.config.TrainConfig`), `jax.jit(..., donate_argnums=0)`, batches shaped
-    (grad_accum=1, batch, length) with inputs/targets/segment_ids/loss_mask/nbytes, as
-    `train.loop` feeds it. The schedule is made flat (warmup 0, a huge step count), so lr is 1e-3.
-  * hf_torch: `transformers.LlamaForCausalLM` in eager mode with its default attention ("sdpa"),
-    cross-entropy on the logits, `clip_grad_norm_`, `torch.optim.AdamW` (defaults otherwise).
+    with a `train.config.TrainConfig`, clipping etc. at their defaults), `jax.jit(...,
+    donate_argnums=0)`, batches shaped (grad_accum=1, batch, length) with inputs / targets /
+    segment_ids / loss_mask / nbytes as `train.loop` feeds them, rng folded in per step as the loop
+    does. The schedule is made flat (warmup 0, a huge step count), so lr is 1e-3 as for torch.
+  * hf_torch: `transformers.LlamaForCausalLM`, eager, its default attention ("sdpa", which on the CPU
+    runs a causal flash kernel), cross-entropy on the logits, `clip_grad_norm_`, `torch.optim.AdamW`
+    (param groups: decay on matrices only). torch.set_flush_denormal(True), as XLA:CPU flushes
+    denormals; without it eager kernels slow down once activations underflow.
 
-  Batches are made once, before timing, so data loading is not measured. Each framework is warmed
-  up first (for JAX this is the XLA compile). Then `--repeats` rounds alternate the frameworks (the
-  order flips every round, so background load hits both alike); a round times `--steps` steps,
-  ending with `block_until_ready` (JAX dispatches asynchronously; torch on the CPU is synchronous
-  and its loss is read back with `.item()`). Reported step time is the median over rounds.
+  Batches are built before timing, so data loading is not measured. Each framework is warmed up
+  first (for JAX that includes the XLA compile). Then `--repeats` rounds alternate the frameworks,
+  the order flipping every round; a round times `--steps` steps and ends with `block_until_ready`
+  (JAX dispatches asynchronously; torch on the CPU is synchronous and its loss is read with
+  `.item()`). Reported step time is the median over rounds.
+
+Shared machines
+  Eager torch with OpenMP threads is very sensitive to other processes on the same cores: every
+  parallel region waits for its slowest thread, so one stolen core can make a step several times
+  slower (seen here: 340 ms quiet, 1-5 s under a load average of 6 on 2 cores), while XLA's
+  fewer, larger tasks degrade far less. A ratio taken on a busy machine therefore flatters altbench.
+  So each round records the foreign load (the share of the cores other processes used meanwhile,
+  from /proc/stat minus this process's CPU time); before a round the script waits up to
+  `--wait-idle` seconds for a quiet machine, and a round with foreign load >= 0.1 is run again (up to
+  `--retries` re-runs in all). If rounds stay noisy after that they are kept, and "quiet_rounds" says
+  how many were clean. "cpu_ms_per_step" (this process's CPU time per step) is a second, load-robust
+  view of the work each framework does; torch's includes OpenMP spin-waiting under load.
 
 Threads
-  torch.set_num_threads(os.cpu_count()). XLA:CPU sizes its intra-op (Eigen) pool to the machine's
-  cores by default; XLA_FLAGS from the environment, if any, are reported in the "xla_flags" field.
+  torch.set_num_threads(os.cpu_count()). XLA:CPU sizes its intra-op pool to the machine's cores by
+  default (the YNNPACK dot fusions use the same pool); XLA_FLAGS from the environment, if any, are
+  reported in the "xla_flags" field.
 
 How to read it
-  One JSON line per implementation: tokens_per_s = batch * length / median step time, step_ms the
-  median step in milliseconds, params the parameter count (the two must be equal), loss_first
-  the loss of the first step (both should be near ln(256) = 5.545), and step_ms_all every round.
-  The last line has "ratio" = altbench tokens/s / hf_torch tokens/s (> 1: altbench is faster).
-  Numbers are for this machine only; compare ratios, not absolute speeds, across machines.
+  One JSON line for the machine, then one per implementation: tokens_per_s = batch * length / median
+  step time, step_ms that median in milliseconds, step_ms_all every kept round, foreign_load_all the
+  load during each, params the parameter count (the two must be equal), loss_first the loss of the
+  first step (both near ln(256) = 5.545). The last line has "ratio" = altbench tokens/s / hf_torch
+  tokens/s (> 1: altbench faster; target 1.5), also from the best rounds ("ratio_min") and from CPU
+  time ("ratio_cpu_time"). Trust "ratio" when both quiet_rounds are (nearly) all rounds.
+  Numbers hold for this machine only; compare ratios, not absolute speeds, across machines.
 
-  python experiments/bench/train_throughput.py --steps 10 --repeats 5 --out experiments/results/x.json
+  python experiments/bench/train_throughput.py [--steps 5 --repeats 7] [--out experiments/results/x.json]
+  altbench bench train_throughput --steps 5 --repeats 7
 """
 
 import argparse
