@@ -30,13 +30,9 @@ def param_count(family_name, cfg):
 def match_params(family_name, cfg, target, field="d_ff", step=32):
   """cfg with `field` (an integer width) chosen so the parameter count comes closest to target."""
   import dataclasses
-  best = None
   lo, hi = step, 16 * cfg.d_model
   while hi - lo > step:  # the count grows with the width: bisect
     mid = (lo + hi) // 2 // step * step
     lo, hi = (mid, hi) if param_count(family_name, dataclasses.replace(cfg, **{field: mid})) < target else (lo, mid)
-  for width in (lo, hi):
-    c = dataclasses.replace(cfg, **{field: width})
-    gap = abs(param_count(family_name, c) - target)
-    best = min(best, (gap, width, c), key=lambda t: t[0]) if best else (gap, width, c)
-  return best[2]
+  candidates = [dataclasses.replace(cfg, **{field: width}) for width in (lo, hi)]
+  return min(candidates, key=lambda c: abs(param_count(family_name, c) - target))
