@@ -75,7 +75,37 @@ def _reference(q, k, v, causal, segment_ids, scale, extra):
   return rearrange(out, "b t k g d -> b t (k g) d").astype(q.dtype)
 
 
+CAUSAL_BLOCK = 64  # query block of the causal XLA path
+
+
+def _xla_causal_blocked(q, k, v, segment_ids, scale, block=CAUSAL_BLOCK):
+  """Causal self-attention in query blocks: block i sees keys [0, (i + 1) * block) only.
+
+  Works in (b, kv_heads, groups, t, d) layout so XLA never transposes the (t, s) probabilities, scales q
+  rather than the scores, and skips the blocks above the diagonal (about (n + 1) / 2n of the score work).
+  """
+  t, groups = q.shape[1], q.shape[2] // k.shape[2]
+  q_ids, kv_ids = ((segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids))
+                   if segment_ids is not None else (None, None))
+  q_BKGTD = rearrange(q * jnp.asarray(scale, q.dtype), "b t (k g) d -> b k g t d", g=groups)
+  k_BKSD, v_BKSD = rearrange(k, "b s k d -> b k s d"), rearrange(v, "b s k d -> b k s d")
+  outs = []
+  for lo in range(0, t, block):
+    hi = lo + block
+    logits = jnp.einsum("bkgtd,bksd->bkgts", q_BKGTD[:, :, :, lo:hi], k_BKSD[:, :, :hi],
+                        preferred_element_type=jnp.float32)
+    mask_BTS = (jnp.arange(hi)[None, :] <= jnp.arange(lo, hi)[:, None])[None]
+    if q_ids is not None:
+      mask_BTS = mask_BTS & (q_ids[:, lo:hi, None] == kv_ids[:, None, :hi])
+    probs = jax.nn.softmax(jnp.where(mask_BTS[:, None, None], logits, _MASK_VALUE), axis=-1)
+    outs.append(jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v_BKSD[:, :, :hi]))
+  return rearrange(jnp.concatenate(outs, axis=3), "b k g t d -> b t (k g) d")
+
+
 def _xla(q, k, v, causal, segment_ids, scale, extra):
+  t = q.shape[1]
+  if causal and extra is None and t == k.shape[1] and t % CAUSAL_BLOCK == 0 and t >= 2 * CAUSAL_BLOCK:
+    return _xla_causal_blocked(q, k, v, segment_ids, scale)
   mask = _mask_BTS(q.shape[1], k.shape[1], causal, segment_ids, extra)
   return jax.nn.dot_product_attention(
       q, k, v, mask=None if mask is None else mask[:, None], scale=scale, implementation="xla")
