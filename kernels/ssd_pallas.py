@@ -88,8 +88,8 @@ from jax.experimental import pallas as pl
 _ssd = importlib.import_module("kernels.ssd")
 # Pallas API-name compatibility helpers (jax 0.10 / 0.11) and the backend -> target rule are
 # shared with the flash attention kernels.
-from kernels.flash_attention import (_tpu_interpret_params, _tpu_params, _tpu_vmem, _triton_params,
-                                     backend_target)
+from kernels.flash_attention import (_cdiv, _fori, _idiv, _tpu_interpret_params, _tpu_params, _tpu_vmem,
+                                     _triton_params, backend_target)
 
 TARGETS = ("gpu", "tpu")
 MAX_HEADDIM = 256
@@ -205,20 +205,6 @@ def _dot(a, b, kind="nn"):
   precision = lax.Precision.HIGHEST if a.dtype == f32 else lax.Precision.DEFAULT
   return lax.dot_general(a, b, (_DIMS[kind], ((), ())), precision=precision,
                          preferred_element_type=f32)
-
-
-def _idiv(a, b):
-  return lax.div(a, np.int32(b))
-
-
-def _cdiv(a, b):
-  return _idiv(a + (b - 1), b)
-
-
-def _fori(lo, hi, body, carry):
-  if isinstance(lo, int) and isinstance(hi, int) and lo >= hi:
-    return carry
-  return lax.fori_loop(lo, hi, body, carry)
 
 
 def _decay_tile(hi_i, lo_i, hi_j, lo_j, keep):
