@@ -1,0 +1,104 @@
+"""Probe targets from the reasoning tasks' ground truth: for a batch encoded as the training loop encodes it,
+where each CoT step or continuous thought sits and what its intermediate is.
+
+Rows are train/reasoning_tasks.encode_rows rows (<bot> at prefix_len - 1, the final Coconut stage). The
+position of step k (0-based) with at="end" is where the step has been read in:
+  cot      the last byte of step k's text (after it the model has written the step),
+  coconut  the last of the c thought slots standing for step k, P + (k + 1) c - 1 (its input is the thought
+           fed back for step k; its output is the next thought),
+  others   (nocot, pause, filler: no chain) the position of "#", which predicts the answer: every step's target
+           is probed there (for recurrent depth, across recurrences instead of steps).
+With at="before" it is the position one earlier in cot/coconut (the one that predicts step k's first byte
+or computes its first thought): probing there asks whether the intermediate exists before it is written.
+
+Targets (class labels; `types` name the entity the control task maps to a random label):
+  reach     path_first / path_second: the letters (0..25) of the path node at step k; type: the node
+  mult      sum_digit{i}: digit i (least significant first) of the running sum after partial product k;
+            type: (k, the multiplier digit b_k), i.e. what the step reads from the question
+  vartrack  value: the chain variable's value at step k (0..9); type: the variable's letter
+"""
+
+import dataclasses
+
+import numpy as np
+
+from train import reasoning_tasks as rt
+
+
+@dataclasses.dataclass
+class Target:
+  """Items of one target: example row, step, token position, label and control type, each (n,)."""
+  name: str
+  n_classes: int
+  example: np.ndarray
+  step: np.ndarray
+  pos: np.ndarray
+  label: np.ndarray
+  type: np.ndarray
+
+
+def step_positions(ex, lay, at="end"):
+  """Token positions (in the model's input row) of each CoT step / thought of ex under layout lay."""
+  if at not in ("end", "before"):
+    raise ValueError(f"at={at!r}: valid: 'end', 'before'")
+  p = lay.prefix_len
+  shift = 0 if at == "end" else -1
+  if lay.mode == "cot":
+    ends = np.cumsum([len(s) for s in ex.steps]) - 1
+    if at == "before":
+      ends = np.concatenate([[-1], ends[:-1]]) + 1  # the first byte of step k, whose position is read one back
+    return [int(p + e + shift) for e in ends]
+  if lay.mode == "coconut":
+    c = lay.thoughts
+    first = 1 if at == "end" else 0
+    return [int(p + (k + first) * c - 1) for k in range(min(len(ex.steps), lay.max_stage))]
+  _, tail, _ = rt.encode(ex, lay.mode, pause=lay.pause, stage=lay.max_stage, thoughts=lay.thoughts,
+                         max_stage=lay.max_stage)
+  return [p + tail.index(ord("#"))] * len(ex.steps)
+
+
+def _node(name):
+  return (ord(name[0]) - 97) * 26 + ord(name[1]) - 97
+
+
+def step_labels(ex):
+  """{target name: (labels per step, types per step, n_classes)} for one example."""
+  if ex.task == "reach":
+    path = ex.intermediates["path"]
+    types = [_node(v) for v in path]
+    return {"path_first": ([ord(v[0]) - 97 for v in path], types, 26),
+            "path_second": ([ord(v[1]) - 97 for v in path], types, 26)}
+  if ex.task == "mult":
+    b = ex.question.split("*")[1]
+    sums = ex.intermediates["running_sum_digits"]
+    out = {}
+    for i in range(len(sums[-1])):
+      labels = [s[i] if i < len(s) else -1 for s in sums]  # -1: that sum has no digit i (no item)
+      out[f"sum_digit{i}"] = (labels, [10 * k + int(b[k]) for k in range(len(sums))], 10)
+    return out
+  if ex.task == "vartrack":
+    chain = ex.intermediates["chain"]
+    return {"value": ([v for _, v in chain], [ord(c) - 97 for c, _ in chain], 10)}
+  raise ValueError(f"task={ex.task!r}: no probe targets (valid: reach, mult, vartrack)")
+
+
+def targets(examples, lay, at="end"):
+  """{name: Target} over the examples (row i of the batch = examples[i]) under layout lay."""
+  acc = {}
+  for row, ex in enumerate(examples):
+    pos = step_positions(ex, lay, at)
+    for name, (labels, types, n_classes) in step_labels(ex).items():
+      items = acc.setdefault(name, {"n_classes": n_classes, "rows": []})
+      for k in range(len(pos)):
+        if labels[k] >= 0:
+          items["rows"].append((row, k, pos[k], labels[k], types[k]))
+  out = {}
+  for name, items in acc.items():
+    cols = np.array(items["rows"], np.int64).reshape(-1, 5).T
+    out[name] = Target(name, items["n_classes"], *cols)
+  return out
+
+
+def batch(examples, lay, seq_len):
+  """The model-input rows of the examples (encode_rows at the final Coconut stage)."""
+  return rt.encode_rows(examples, lay, seq_len, lay.max_stage)
