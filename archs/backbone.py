@@ -11,7 +11,7 @@ import math
 import jax.numpy as jnp
 from flax import nnx
 
-from archs import mamba2
+from archs import hooks, mamba2
 from archs.layers import MLP, Attention, RMSNorm
 
 BLOCK_TYPES = {"A": "attention", "M": "Mamba-2", "P": "attention and Mamba-2 in parallel (Falcon-H1)"}
@@ -150,7 +150,8 @@ class Parallel(nnx.Module):
                            attn_mask)
     s, s_cache = self.ssm(x_BLD * ssm_in, positions_BL, segment_ids_BL, cache and cache["ssm"], cache_index,
                           attn_mask)
-    return a * attn_out + s * ssm_out, (None if cache is None else {"attn": a_cache, "ssm": s_cache})
+    a, s = hooks.tap(self, "attn.out", a * attn_out), hooks.tap(self, "ssm.out", s * ssm_out)
+    return a + s, (None if cache is None else {"attn": a_cache, "ssm": s_cache})
 
 
 class Block(nnx.Module):
@@ -167,11 +168,13 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs, out_std=out_std) if cfg.mlp else None
 
   def __call__(self, x_BLD, positions_BL, segment_ids_BL=None, cache=None, cache_index=None, attn_mask=None):
+    x_BLD = hooks.tap(self, "resid_pre", x_BLD)
     h, cache = self.mixer(self.mixer_norm(x_BLD), positions_BL, segment_ids_BL, cache, cache_index, attn_mask)
-    x_BLD = x_BLD + h
+    x_BLD = x_BLD + hooks.tap(self, "mixer_out", h)
     if self.mlp is not None:
-      x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
-    return x_BLD, cache
+      x_BLD = hooks.tap(self, "resid_mid", x_BLD)
+      x_BLD = x_BLD + hooks.tap(self, "mlp_out", self.mlp(self.mlp_norm(x_BLD)))
+    return hooks.tap(self, "resid_post", x_BLD), cache
 
 
 class Backbone(nnx.Module):
@@ -182,6 +185,7 @@ class Backbone(nnx.Module):
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
 
   def __call__(self, x_BLD, positions_BL, segment_ids_BL=None, cache=None, cache_index=None, attn_mask=None):
+    x_BLD = hooks.tap(self, "embed", x_BLD)
     new_cache = []
     for i, block in enumerate(self.blocks):
       x_BLD, layer_cache = block(x_BLD, positions_BL, segment_ids_BL, None if cache is None else cache[i],

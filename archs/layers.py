@@ -8,6 +8,7 @@ from einops import rearrange
 from flax import nnx
 
 import kernels
+from archs import hooks
 
 
 def normal(std):
@@ -24,7 +25,7 @@ class RMSNorm(nnx.Module):
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (x32 * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+    return hooks.tap(self, "", (x32 * self.scale[...].astype(jnp.float32)).astype(self.dtype))
 
 
 def rope(x_BLHD, positions_BL, theta):
@@ -48,6 +49,24 @@ def _fused_linear(x, linears):
   x, w = lin0.promote_dtype((x, w), dtype=lin0.dtype)
   y = lin0.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=lin0.precision)
   return jnp.split(y, list(itertools.accumulate(lin.out_features for lin in linears[:-1])), axis=-1)
+
+
+def attention_probs(q_BTHD, k_BSKD, causal, segment_ids_BL=None, mask=None):
+  """Softmax probabilities (b, h, T, S) in float32 of the attention kernels.attention computes (same masks and
+  default scale): for interpretability only, since the fast kernels never materialise them."""
+  groups = q_BTHD.shape[2] // k_BSKD.shape[2]
+  k_BSHD = jnp.repeat(k_BSKD.astype(jnp.float32), groups, axis=2)
+  scores_BHTS = jnp.einsum("bthd,bshd->bhts", q_BTHD.astype(jnp.float32), k_BSHD) * q_BTHD.shape[-1] ** -0.5
+  t, s = q_BTHD.shape[1], k_BSKD.shape[1]
+  visible = jnp.ones((1, t, s), bool)
+  if causal:
+    visible = visible & jnp.tril(jnp.ones((t, s), bool))[None]
+  if segment_ids_BL is not None:
+    visible = visible & (segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :])
+  if mask is not None:
+    visible = visible & (mask if mask.ndim == 3 else mask[None])
+  # The kernels mask with a large finite value, so a row with nothing visible is uniform there too.
+  return jax.nn.softmax(jnp.where(visible[:, None], scores_BHTS, -0.7 * jnp.finfo(jnp.float32).max), axis=-1)
 
 
 class Attention(nnx.Module):
@@ -85,6 +104,12 @@ class Attention(nnx.Module):
       # Full sequence, or a prefill that starts at an empty cache: the fresh keys are all there is.
       out = kernels.attention(q, k, v, causal=self.causal, segment_ids=segment_ids_BL, mask=attn_mask,
                               impl=self.impl)
+      if hooks.wants(self, "pattern"):  # the kernels do not return probabilities: computed only when asked
+        probs_BHTS = hooks.tap(self, "pattern", attention_probs(q, k, self.causal, segment_ids_BL, attn_mask))
+        if hooks.replaces(self, "pattern"):
+          v_BSHD = jnp.repeat(v, self.n_heads // self.kv_heads, axis=2)
+          out = jnp.einsum("bhts,bshd->bthd", probs_BHTS.astype(v.dtype), v_BSHD)
+    out = hooks.tap(self, "z", out)
     return self.o(rearrange(out, "b l h d -> b l (h d)")), cache
 
 

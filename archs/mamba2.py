@@ -15,6 +15,7 @@ from einops import rearrange
 from flax import nnx
 
 import kernels
+from archs import hooks
 from archs.layers import normal
 
 
@@ -109,15 +110,52 @@ class Mamba2(nnx.Module):
     return (rearrange(x, "b l (h p) -> b l h p", p=self.headdim), rearrange(B, "b l (g n) -> b l g n", g=self.groups),
             rearrange(C, "b l (g n) -> b l g n", g=self.groups))
 
-  def _scan(self, x_BLD, seg_BL, initial_states=None):
+  def _scan(self, x_BLD, seg_BL, initial_states=None, state_name="state"):
     z, xBC, dt = self._split(self._project(x_BLD))
     xBC = self._conv(xBC, seg_BL)
     x, B, C = self._heads(xBC)
     y, final = kernels.ssd(x, dt, -jnp.exp(self.A_log[...].astype(jnp.float32)), B, C, self.chunk_size,
                            D=self.D[...], dt_bias=self.dt_bias[...], initial_states=initial_states,
                            seq_idx=seg_BL, dt_softplus=True, return_final_states=True, impl=self.impl)
+    if hooks.wants(self, state_name):  # per-position states exist only in interp runs (the kernel keeps none)
+      y = self._tap_states(x, dt, B, C, seg_BL, initial_states, y, state_name)
     y = self._gate(rearrange(y, "b l h p -> b l (h p)"), z)
     return self.out_proj(y.astype(self.compute_dtype)), final
+
+  def _tap_states(self, x_BLHP, dt_BLH, B_BLGN, C_BLGN, seg_BL, h0_BHPN, y_BLHP, state_name):
+    """Hands the per-position SSM states (b, l, h, p, n) to the active tap (`state_rev`, of the right-to-left
+    scan, in the original position order) and returns the scan output, recomputed from the tap's states
+    where it replaced some: a replaced state is used at its position and the recurrence continues from it."""
+    f32 = jnp.float32
+    rep = self.heads // self.groups
+    x_BLHP = x_BLHP.astype(f32)
+    dt_BLH = jax.nn.softplus(dt_BLH.astype(f32) + self.dt_bias[...].astype(f32))
+    decay_BLH = jnp.exp(dt_BLH * -jnp.exp(self.A_log[...].astype(f32)))
+    B_BLHN, C_BLHN = (jnp.repeat(t.astype(f32), rep, axis=2) for t in (B_BLGN, C_BLGN))
+    reset_BL = seg_BL != jnp.concatenate([seg_BL[:, :1], seg_BL[:, :-1]], axis=1)  # a new document starts
+    b, l, h, p = x_BLHP.shape
+    h0 = jnp.zeros((b, h, p, self.d_state), f32) if h0_BHPN is None else h0_BHPN.astype(f32)
+    flip = (lambda a: a[:, ::-1]) if state_name == "state_rev" else (lambda a: a)
+
+    def run(new_BLHPN, use_BLH):
+      def step(s, xs):
+        x, dt, decay, Bt, reset, new, use = xs
+        s = jnp.where(reset[:, None, None, None], 0.0, s) * decay[..., None, None]
+        s = s + jnp.einsum("bh,bhp,bhn->bhpn", dt, x, Bt)
+        s = jnp.where(use[..., None, None], new, s)
+        return s, s
+      xs = (x_BLHP, dt_BLH, decay_BLH, B_BLHN, reset_BL, new_BLHPN, use_BLH)
+      _, s_LBHPN = jax.lax.scan(step, h0, [jnp.moveaxis(a, 1, 0) for a in xs])
+      return jnp.moveaxis(s_LBHPN, 0, 1)
+
+    never_BLH = jnp.zeros((b, l, h), bool)
+    states = run(jnp.zeros((b, l, h, p, self.d_state), f32), never_BLH)
+    new = flip(hooks.tap(self, state_name, flip(states)))
+    if not hooks.replaces(self, state_name):
+      return y_BLHP
+    states = run(new.astype(f32), jnp.any(new != states, axis=(-2, -1)))
+    y = jnp.einsum("blhpn,blhn->blhp", states, C_BLHN) + self.D[...].astype(f32)[:, None] * x_BLHP
+    return y.astype(y_BLHP.dtype)
 
   def __call__(self, x_BLD, positions_BL, segment_ids_BL=None, cache=None, cache_index=None, attn_mask=None):
     del positions_BL
@@ -129,7 +167,7 @@ class Mamba2(nnx.Module):
       if cache is not None:
         raise ValueError("a bidirectional Mamba-2 mixer has no decode cache")
       forward, _ = self._scan(x_BLD, seg)
-      backward, _ = self._scan(x_BLD[:, ::-1], seg[:, ::-1])  # the same weights read right to left
+      backward, _ = self._scan(x_BLD[:, ::-1], seg[:, ::-1], state_name="state_rev")  # same weights, right to left
       return forward + backward[:, ::-1], None
     if cache is None:
       return self._scan(x_BLD, seg)[0], None
