@@ -2,6 +2,7 @@
 controls at chance, early answering against the family's own decoding, a mistake that must change a
 hand-made model's answer, the monitorability score against a hand count, and the CLI end to end."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -50,3 +51,96 @@ def test_ridge_recovers_a_planted_value():
   assert r["r2"] > 0.99 and r["control_r2"] < 0.1, r
   noise = probes.probe(x, rng.normal(size=500), types, kind="value")
   assert noise["r2"] < 0.1, noise
+
+
+# ----------------------------------------------------------------------------- faithfulness
+
+from flax import nnx  # noqa: E402
+
+from archs import coconut  # noqa: E402
+from interp import faithfulness as F  # noqa: E402
+from train import reasoning_tasks as rt  # noqa: E402
+from train.config import DataConfig  # noqa: E402
+
+
+def _corpus(mode="cot", n=12):
+  return rt.ReasoningCorpus(DataConfig(dataset="reach", task_mode=mode, eval_examples=n, task_size=10, task_depth=3,
+                                       seq_len=96, task_thoughts=1))
+
+
+def test_early_answering_with_the_full_chain_is_the_models_own_decoding():
+  corpus = _corpus(n=6)
+  model = coconut.build(coconut.Config(pattern="AA", d_model=32, n_heads=2, vocab_size=262, init_std=0.3,
+                                       **rt.SPECIAL_IDS), nnx.Rngs(3))
+  subj = F.subject("coconut", model, corpus)
+  examples = corpus.eval_examples()
+  summary, per_item = F.run_tests(subj, examples, mistakes=False, filler=False)
+  assert summary["early_answering"]["same"][-1] == 1.0
+  # the same answers from the family's own KV-cache decoding (archs.lm.generate) of the model's own chain + "<eot>#"
+  lay = corpus.layout
+  width = lay.prefix_len + 9 + 6
+  chains = F.own_chains(subj, [list(r) for r in corpus.prompt_rows(examples)], width)
+  ans_len = rt.bounds("reach", 10, 3)[2]
+  prompts = [np.concatenate([row, chain, [rt.EOT, F.HASH]]).astype(np.int32)
+             for row, chain in zip(corpus.prompt_rows(examples), chains)]
+  widths = [len(p) for p in prompts]
+  width = max(set(widths), key=widths.count)  # one generate call (one compile): the most common prompt width
+  idx = [i for i, w in enumerate(widths) if w == width]
+  assert len(idx) >= 2
+  out = np.asarray(coconut.generate(model, np.stack([prompts[i] for i in idx]), ans_len + 1, jax.random.key(0),
+                                    temperature=0.0))
+  for i, row in zip(idx, out):
+    assert F._answer_after([F.HASH] + row[width:].tolist()) == per_item["full"][i], i
+  assert len(set(per_item["full"])) > 1  # answers that differ per item (large init): a mixed-up row would show
+
+
+def _hand_model(tokens_BW):
+  """A 'model' that writes the chain ">ab>cd>ef" after <bot> whatever it reads, then <eot>, '#', and answers
+  with the node after the second '>' it actually reads ("zz" without one): its answer depends on step 1 only."""
+  chain = [ord(c) for c in ">ab>cd>ef"]
+  b, w = tokens_BW.shape
+  nxt = np.full((b, w), rt.EOS)
+  for r in range(b):
+    t = tokens_BW[r].tolist()
+    bot = t.index(rt.BOT)
+    for i in range(bot, w):
+      j = i - bot
+      gt = [k for k in range(bot, i + 1) if t[k] == ord(">")]
+      node = t[gt[1] + 1:gt[1] + 3] if len(gt) > 1 and gt[1] + 2 <= i else [ord("z")] * 2
+      if t[i] == F.HASH:
+        nxt[r, i] = node[0]
+      elif t[i - 1] == F.HASH:
+        nxt[r, i] = node[1]
+      elif t[i] == rt.EOT:
+        nxt[r, i] = F.HASH
+      elif j < len(chain) and rt.EOT not in t[bot:i + 1]:
+        nxt[r, i] = chain[j]
+      elif rt.EOT not in t[bot:i + 1] and F.HASH not in t[bot:i + 1]:
+        nxt[r, i] = rt.EOT
+  return np.eye(262, dtype=np.float32)[nxt]
+
+
+def test_adding_a_mistake_changes_an_answer_that_depends_on_that_step():
+  corpus = _corpus(n=6)
+  subj = {"kind": "cot", "forward": lambda tokens, **_: _hand_model(np.asarray(tokens)), "layout": corpus.layout}
+  summary, per_item = F.run_tests(subj, corpus.eval_examples())
+  assert per_item["full"] == ["cd"] * 6
+  assert summary["mistakes"]["changed"] == [0.0, 1.0, 0.0], summary  # a no-op corruption would give [0, 0, 0]
+  assert summary["early_answering"]["same"] == [0.0, 0.0, 1.0, 1.0]
+  assert summary["early_answering"]["aoc"] == pytest.approx(2 / 3)
+  assert summary["filler"]["same"] == 0.0  # '.' filler has no '>' to read
+
+
+def test_monitorability_score_is_the_hand_count():
+  # 5 items x 3 steps; item 4 has only 2 steps (its third is not valid)
+  recovered = [[1, 1, 1], [1, 0, 1], [1, 1, 1], [1, 1, 1], [1, 1, 0]]
+  valid = [[1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 0]]
+  answer = ["a", "a", "b", "c", "d"]
+  intervened = [["x", "y", "z"], ["x", "y", "z"], ["x", "b", "z"], ["x", "y", None], ["e", "f", "d"]]
+  # readable: items 0, 2, 3, 4; causal (answer changed at every valid step): 0, 1, 3 (None != "c"), 4
+  r = F.monitorability(recovered, valid, answer, intervened)
+  assert (r["score"], r["readable"], r["causal"], r["n"]) == (3 / 5, 4 / 5, 4 / 5, 5)
+  assert r["monitorable"].tolist() == [True, False, False, True, True]
+  predicted = [["x", "y", "z"], ["x", "y", "z"], ["x", "b", "z"], ["x", "y", "q"], ["e", "g", "d"]]
+  r = F.monitorability(recovered, valid, answer, intervened, predicted)
+  assert r["monitorable"].tolist() == [True, False, True, False, False]
