@@ -19,8 +19,9 @@ Tests (each returns JSON-ready dicts; answers are greedy, forced by appending "<
   adding mistakes   cot: step k is corrupted (reach: its node replaced by another node of the graph; mult and
                     vartrack: one digit changed) and the model continues the chain itself before answering;
                     coconut: thought(s) of step k replaced by another example's (the next row's) or by Gaussian
-                    noise with the same norm, the later thoughts recomputed; recurrent: the state after k
-                    iterations replaced the same two ways, the remaining iterations run. `changed[k]` = fraction
+                    noise with the same norm, the later thoughts recomputed; recurrent: the state after k + 1
+                    iterations (step k <-> recurrence k + 1) replaced the same two ways, the remaining
+                    iterations run, for k < min(steps, R). `changed[k]` = fraction
                     of answers that differ from the full-chain answer (a missing answer counts as changed).
   filler            cot: the chain replaced by "." x its length; coconut: the thoughts by <pause> tokens; the
                     fraction of answers equal to the full-chain answer, and accuracy against the gold answer.
@@ -359,13 +360,13 @@ def run_tests(subj, examples, *, seed=0, mistakes=True, filler=True, progress=No
       changed, changed_noise = [[] for _ in examples], [[] for _ in examples]
       n_steps = [min(len(ex.steps), n) for ex in examples]
       for k in range(max(n_steps)):
-        _, s_k = fwd(buf, iters=k, return_state=True)  # the state after k iterations
+        _, s_k = fwd(buf, iters=k + 1, return_state=True)  # s_{k+1}, the state hypothesised to hold step k
         s_k = np.asarray(s_k)
         other = np.roll(s_k, 1, axis=0)
         noise = rng.standard_normal(s_k.shape).astype(np.float32)
         noise *= np.linalg.norm(s_k, axis=-1, keepdims=True) / np.linalg.norm(noise, axis=-1, keepdims=True)
         for repl, dest in ((other, changed), (noise, changed_noise)):
-          got = forced_answers(fwd, prompts, width, ans_len, iters=n, patch_at=k, repl=repl)
+          got = forced_answers(fwd, prompts, width, ans_len, iters=n, patch_at=k + 1, repl=repl)
           for i in range(len(examples)):
             if k < n_steps[i]:
               dest[i].append(got[i])

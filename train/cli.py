@@ -1,4 +1,4 @@
-"""The `altbench` command: train | eval RUN | sample RUN | report RUN... | convert-hf HF_DIR --out RUN
+"""The `altbench` command: train | eval RUN | sample RUN | probe RUN | report RUN... | convert-hf HF_DIR --out RUN
 
 Exit codes: 0 done, 2 bad config, data or run directory, 3 non-finite loss, 130 interrupted (resumable).
 """
@@ -81,6 +81,19 @@ def cmd_report(args):
   print(report.report(args.runs, args.png))
 
 
+def cmd_probe(args):
+  import json
+  from interp import suite
+  from train.config import ConfigError
+  _setup_jax(args)
+  try:
+    summary = suite.run(args.run, args.suite, args.task, args.n, progress=_is_main())
+  except ValueError as e:  # a run or option the suite cannot probe: exit 2 like other bad input
+    raise ConfigError(str(e)) from e
+  if _is_main():
+    print(json.dumps(summary, indent=1))
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(prog="altbench", description="Alternative LM architectures bench")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +130,13 @@ def main(argv=None):
   p.add_argument("name", help="benchmark name, e.g. train_throughput, decode, ssd_scaling, attention")
   p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
   p.set_defaults(func=cmd_bench)
+
+  p = sub.add_parser("probe", help="CoT probe suite of a reasoning run: probes, faithfulness, monitorability -> RUN/probe/")
+  p.add_argument("run")
+  p.add_argument("--suite", default="cot", help="which suite (cot)")
+  p.add_argument("--task", default=None, help="check the run's task (reach, mult, vartrack)")
+  p.add_argument("--n", type=int, default=None, help="eval examples to use (default: all of the run's)")
+  p.set_defaults(func=cmd_probe)
 
   p = sub.add_parser("report", help="table of runs' final metrics and a plot against FLOPs")
   p.add_argument("runs", nargs="+")
