@@ -10,8 +10,9 @@ Implementations (``impl=``):
 * ``"xla"``: ``jax.nn.dot_product_attention(implementation="xla")`` with a boolean mask.
 * ``"pallas"``: flash attention kernels (kernels/flash_attention.py): Triton on GPU, Mosaic on TPU,
   forward and backward, O(L) memory. On a CPU backend they run in Pallas interpret mode (for tests;
-  slow). No dense ``mask`` (NotImplementedError). Tile sizes come from the table ``_BLOCKS`` there,
-  one entry per (backend, head_dim class 64/128/256).
+  slow). No dense ``mask`` (NotImplementedError). Tile sizes come from the tuning table
+  (kernels/tuning.py, written by ``altbench bench kernels --tune``) for this device kind, else from the
+  hand-set table ``_BLOCKS`` there, one entry per (backend, head_dim class 64/128/256).
 * ``"auto"``: ``"pallas"`` on a single GPU/TPU when it supports the call (no dense mask, head_dim
   <= 256) and the query is at least ``AUTO_PALLAS_MIN_Q_LEN`` long (single-token decode steps are a
   matrix-vector product that a flash tile would mostly pad), otherwise ``"xla"``; always ``"xla"`` on
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 from einops import einsum, rearrange
 
 from kernels import flash_attention as _flash
+from kernels import tuning
 
 IMPLS = ("auto", "reference", "xla", "pallas")
 AUTO_PALLAS_MIN_Q_LEN = 16
@@ -75,10 +77,15 @@ def _reference(q, k, v, causal, segment_ids, scale, extra):
   return rearrange(out, "b t k g d -> b t (k g) d").astype(q.dtype)
 
 
-CAUSAL_BLOCK = 64  # query block of the causal XLA path
+CAUSAL_BLOCK = 64  # query block of the causal XLA path, unless the tuning table has one for this device
 
 
-def _xla_causal_blocked(q, k, v, segment_ids, scale, block=CAUSAL_BLOCK):
+def causal_block(head_dim):
+  tuned = tuning.lookup("attention_xla", f"d{_flash.head_dim_class(min(head_dim, _flash.MAX_HEAD_DIM))}")
+  return int(tuned["causal_block"]) if tuned else CAUSAL_BLOCK
+
+
+def _xla_causal_blocked(q, k, v, segment_ids, scale, block):
   """Causal self-attention in query blocks: block i sees keys [0, (i + 1) * block) only.
 
   Works in (b, kv_heads, groups, t, d) layout so XLA never transposes the (t, s) probabilities, scales q
@@ -103,9 +110,9 @@ def _xla_causal_blocked(q, k, v, segment_ids, scale, block=CAUSAL_BLOCK):
 
 
 def _xla(q, k, v, causal, segment_ids, scale, extra):
-  t = q.shape[1]
-  if causal and extra is None and t == k.shape[1] and t % CAUSAL_BLOCK == 0 and t >= 2 * CAUSAL_BLOCK:
-    return _xla_causal_blocked(q, k, v, segment_ids, scale)
+  t, block = q.shape[1], causal_block(q.shape[-1])
+  if causal and extra is None and t == k.shape[1] and t % block == 0 and t >= 2 * block:
+    return _xla_causal_blocked(q, k, v, segment_ids, scale, block)
   mask = _mask_BTS(q.shape[1], k.shape[1], causal, segment_ids, extra)
   return jax.nn.dot_product_attention(
       q, k, v, mask=None if mask is None else mask[:, None], scale=scale, implementation="xla")

@@ -67,6 +67,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kernels import tuning
+
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # same as kernels.attention
 _PAD_VALUE = float(np.finfo(np.float32).min)           # below _MASK_VALUE: pad keys never count
 _BIG = float(np.finfo(np.float32).max)                 # m of pad query rows: exp2(s - _BIG) == 0
@@ -113,7 +115,9 @@ def head_dim_class(d):
 
 
 def default_block_sizes(target, head_dim):
-  return _BLOCKS[(target, head_dim_class(head_dim))]
+  """The tuned entry for this device kind (kernels/tuning.py) if there is one, else the table above."""
+  tuned = tuning.lookup("flash_attention", f"d{head_dim_class(head_dim)}")
+  return BlockSizes(**tuned) if tuned else _BLOCKS[(target, head_dim_class(head_dim))]
 
 
 def supported(q_shape, k_shape, *, mask=None):

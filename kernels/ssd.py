@@ -254,13 +254,19 @@ def _ssd_reference(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, h0_BHPN, doc_BL):
   return jnp.moveaxis(y_LBHP, 0, 1), final_BHPN
 
 
-def _chunks_per_block(b, h, q, nchunks):
+def cpu_block_bytes(headdim, dstate):
+  from kernels import ssd_pallas, tuning
+  tuned = tuning.lookup("ssd_xla", ssd_pallas.shape_class(headdim, dstate))
+  return int(tuned["cpu_block_bytes"]) if tuned else _CPU_BLOCK_BYTES
+
+
+def _chunks_per_block(b, h, q, nchunks, p, n):
   """How many chunks the XLA path processes at once."""
   if jax.default_backend() != "cpu":
     return nchunks  # accelerators want every chunk in flight at once
   # On CPU, blocks small enough that their (chunk x chunk) tensors stay in cache: run over the
   # whole sequence at once they stream through memory, and time grows faster than the length.
-  return max(1, min(nchunks, _CPU_BLOCK_BYTES // (b * h * q * q * 4)))
+  return max(1, min(nchunks, cpu_block_bytes(p, n) // (b * h * q * q * 4)))
 
 
 def _ssd_xla(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, h0_BHPN, doc_BL, chunk_size):
@@ -268,7 +274,7 @@ def _ssd_xla(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, h0_BHPN, doc_BL, chunk_size):
   b, l, h, p = x_BLHP.shape
   q = chunk_size
   nchunks = max(1, math.ceil(l / q))
-  nblocks = math.ceil(nchunks / _chunks_per_block(b, h, q, nchunks))
+  nblocks = math.ceil(nchunks / _chunks_per_block(b, h, q, nchunks, p, B_BLGN.shape[-1]))
   if nblocks == 1:
     return _ssd_chunked(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, h0_BHPN, doc_BL, q)
   # Equal blocks, so padding stays under one chunk per block; dt = 0 pads are identity steps.

@@ -88,6 +88,7 @@ from jax.experimental import pallas as pl
 _ssd = importlib.import_module("kernels.ssd")
 # Pallas API-name compatibility helpers (jax 0.10 / 0.11) and the backend -> target rule are
 # shared with the flash attention kernels.
+from kernels import tuning
 from kernels.flash_attention import (_cdiv, _fori, _idiv, _tpu_interpret_params, _tpu_params, _tpu_vmem,
                                      _triton_params, backend_target)
 
@@ -150,10 +151,19 @@ def _largest_pow2_divisor(n, cap):
   return d
 
 
+def shape_class(headdim, dstate):
+  """The tuning table's shape class of an SSD call (kernels/tuning.py)."""
+  classes = (16, 32, 64, 128, 256)
+  return f"p{tuning.size_class(headdim, classes)}n{tuning.size_class(dstate, classes)}"
+
+
 def default_block_sizes(target, q, heads_per_group, headdim, dstate):
   """Block sizes for a call (q = internal chunk length)."""
   if target == "tpu":
     return BlockSizes(block_m=q, block_k=q, block_p=headdim, heads=heads_per_group)
+  tuned = tuning.lookup("ssd_pallas", shape_class(headdim, dstate))
+  if tuned:
+    return _fit_blocks(BlockSizes(**tuned), target, q, heads_per_group, headdim)
   big = max(headdim, dstate) >= 256
   bs = dataclasses.replace(_GPU_DEFAULT, num_warps=8 if big else _GPU_DEFAULT.num_warps,
                            block_m=32 if big else _GPU_DEFAULT.block_m)
