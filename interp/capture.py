@@ -142,18 +142,23 @@ def step():
   return None if t is None else t.step
 
 
-def at(source, positions, axis=1, steps=None):
-  """A patch callable: value with index `positions` (int or int array, traced is fine) along `axis` taken from
-  source (same shape as the value: one step's value inside stepped passes); steps (int or sequence) limits
-  it to those steps of a stepped pass."""
+def at(source, positions=None, axis=1, steps=None):
+  """A patch callable that copies source into the value at index `positions` (int or int array, traced is
+  fine; None: everything) along `axis` of one pass's value. source is the captured value of that name, with
+  its leading step axis for stepped names (each step then takes its own slice); steps (int or sequence)
+  limits a stepped patch to those steps."""
   def fn(value):
-    idx = (slice(None),) * axis + (positions,)
-    new = value.at[idx].set(jnp.asarray(source)[idx].astype(value.dtype))
+    s = step()
+    src = jnp.asarray(source) if s is None else jnp.asarray(source)[s]
+    if positions is None:
+      new = src.astype(value.dtype)
+    else:
+      idx = (slice(None),) * axis + (positions,)
+      new = value.at[idx].set(src[idx].astype(value.dtype))
     if steps is None:
       return new
-    s = step()
     if s is None:
-      raise ValueError("at(..., steps=...) patches a stepped name (thoughts., core., steps.)")
+      raise ValueError("at(..., steps=...) is for stepped names (thoughts., core., steps.)")
     return jnp.where(jnp.isin(s, jnp.atleast_1d(jnp.asarray(steps))), new, value)
   return fn
 
