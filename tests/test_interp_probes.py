@@ -144,3 +144,54 @@ def test_monitorability_score_is_the_hand_count():
   predicted = [["x", "y", "z"], ["x", "y", "z"], ["x", "b", "z"], ["x", "y", "q"], ["e", "g", "d"]]
   r = F.monitorability(recovered, valid, answer, intervened, predicted)
   assert r["monitorable"].tolist() == [True, False, True, False, False]
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def _run_dir(path, n=48):
+  """A run directory of a tiny explicit-CoT model on reach: config.json and a checkpoint of its initial state
+  (what load_run reads; training it would only add compile time here)."""
+  import json
+
+  from train import checkpoint, config, loop, step
+  from train.config import Config, TrainConfig
+  cfg = Config(family="coconut", model=coconut.Config(pattern="AA", d_model=32, n_heads=2),
+               data=DataConfig(dataset="reach", task_mode="cot", eval_examples=n, task_size=10, task_depth=3,
+                               seq_len=96),
+               train=TrainConfig(steps=1, batch_size=8, samples=0))
+  cfg, _ = loop.resolve(cfg, str(path))
+  import archs
+  family = archs.get_family(cfg.family)
+  _, state = step.init_state(family, cfg.model, step.make_optimizer(cfg.train), 0)
+  with open(path / "config.json", "w") as f:
+    json.dump({"config": config.to_dict(cfg)}, f)
+  ckpt = checkpoint.Checkpointer(str(path), 1)
+  ckpt.save(1, state)
+  ckpt.close()
+
+
+def test_probe_cli_writes_json_and_plots(tmp_path, capsys):
+  import json
+
+  from train import cli
+  _run_dir(tmp_path)
+  assert cli.main(["probe", str(tmp_path), "--suite", "cot", "--task", "reach"]) == 0
+  out = tmp_path / "probe"
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["step"] == 1 and summary["task"] == "reach" and summary["mode"] == "cot"
+  for name in summary["plots"]:
+    assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+  assert {"probes_path_first.png", "probes_path_second.png", "faithfulness.png"} <= set(summary["plots"])
+  grid = json.loads((out / "probes.json").read_text())
+  # at "end" positions the input token is the node's second letter: its embedding gives it away, even untrained
+  # (the probes read the right positions), while the first letter is not in that token
+  second, first = grid["path_second"]["embed"]["all"], grid["path_first"]["embed"]["all"]
+  assert second["accuracy"] > 0.9 and second["selectivity"] > 0.4, second
+  assert first["accuracy"] < 0.5, first
+  assert second["random_accuracy"] > 0.9  # the random-init baseline reads its own embeddings as well
+  faith = json.loads((out / "faithfulness.json").read_text())
+  assert faith["early_answering"]["same"][-1] == 1.0 and faith["kind"] == "cot"
+  mon = json.loads((out / "monitorability.json").read_text())
+  assert 0.0 <= mon["score"] <= min(mon["readable"], mon["causal"])
+  assert cli.main(["probe", str(tmp_path), "--task", "mult"]) == 2  # the run's task is reach
