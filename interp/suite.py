@@ -67,6 +67,9 @@ def _probe_grid(tgts, acts, acts_random, pos_index, bar, seed=0, n_boot=200):
     for layer in acts:
       x_all = acts[layer][t.example, cols]
       xr_all = acts_random[layer][t.example, cols]
+      if t.pos2 is not None:  # a diagonal bilinear probe: the product with the second position's activation
+        x_all = x_all * acts[layer][t.example, pos_index[t.pos2]]
+        xr_all = xr_all * acts_random[layer][t.example, pos_index[t.pos2]]
       for k in steps + ["all"]:
         sel = np.ones(len(t.step), bool) if k == "all" else t.step == k
         bar.update(1)
@@ -187,7 +190,8 @@ def run(run_dir, suite="cot", task=None, n=None, seed=0, progress=True):
   examples = corpus.eval_examples()[:n]
   rows = targets.batch(examples, lay, cfg.data.seq_len)["inputs"]
   tgts = targets.targets(examples, lay)
-  pos_list = sorted({int(p) for t in tgts.values() for p in t.pos})
+  pos_list = sorted({int(p) for t in tgts.values() for p in np.concatenate([t.pos] + ([t.pos2] if t.pos2 is not None
+                                                                                     else []))})
   pos_index = np.zeros(rows.shape[1], np.int64)
   pos_index[pos_list] = np.arange(len(pos_list))
   out_dir = os.path.join(run_dir, "probe")

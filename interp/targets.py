@@ -12,7 +12,11 @@ With at="before" it is the position one earlier in cot/coconut (the one that pre
 or computes its first thought): probing there asks whether the intermediate exists before it is written.
 
 Targets (class labels; `types` name the entity the control task maps to a random label):
-  reach     path_first / path_second: the letters (0..25) of the path node at step k; type: the node
+  reach     path_first / path_second: the letters (0..25) of the path node at step k; type: the node.
+            frontier: one item per (step k, node v of the graph), label 1 when v is in the BFS frontier at
+            step k (the nodes at distance k + 1 from the start); its input is the elementwise product of the
+            activation at step k and the activation at v's first mention in the question (`pos2`, the
+            node's second letter), a diagonal bilinear probe; type: the node
   mult      sum_digit{i}: digit i (least significant first) of the running sum after partial product k;
             type: (k, the multiplier digit b_k), i.e. what the step reads from the question
   vartrack  value: the chain variable's value at step k (0..9); type: the variable's letter
@@ -35,6 +39,7 @@ class Target:
   pos: np.ndarray
   label: np.ndarray
   type: np.ndarray
+  pos2: np.ndarray = None  # a second position whose activation multiplies the first (frontier membership)
 
 
 def step_positions(ex, lay, at="end"):
@@ -82,6 +87,21 @@ def step_labels(ex):
   raise ValueError(f"task={ex.task!r}: no probe targets (valid: reach, mult, vartrack)")
 
 
+def frontier(examples, lay, at="end"):
+  """The reach `frontier` Target: (example, step k, node v) items, v's position in pos2."""
+  rows = []
+  for row, ex in enumerate(examples):
+    pos = step_positions(ex, lay, at)
+    q0 = lay.prefix_len - 1 - len(ex.question)  # row index of the question's first byte
+    nodes = sorted(set(ex.question[i:i + 2] for i in range(len(ex.question) - 1)
+                       if ex.question[i:i + 2].isalpha() and ex.question[i:i + 2].islower()))
+    for k, members in enumerate(ex.intermediates["frontier"][:len(pos)]):
+      for v in nodes:
+        rows.append((row, k, pos[k], int(v in members), _node(v), q0 + ex.question.index(v) + 1))
+  cols = np.array(rows, np.int64).reshape(-1, 6).T
+  return Target("frontier", 2, *cols[:5], pos2=cols[5])
+
+
 def targets(examples, lay, at="end"):
   """{name: Target} over the examples (row i of the batch = examples[i]) under layout lay."""
   acc = {}
@@ -96,6 +116,8 @@ def targets(examples, lay, at="end"):
   for name, items in acc.items():
     cols = np.array(items["rows"], np.int64).reshape(-1, 5).T
     out[name] = Target(name, items["n_classes"], *cols)
+  if examples and examples[0].task == "reach":
+    out["frontier"] = frontier(examples, lay, at)
   return out
 
 
