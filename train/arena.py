@@ -1,0 +1,249 @@
+"""The arena: train every entry of an arena spec to its group's training-FLOP budget on the same data and seed,
+one run directory per entry, then write the energy ledger, the leaderboard and the plots.
+
+An arena spec (experiments/arena.py) is a list of Groups (entries scored on the same data share a budget and a
+leaderboard section) and Entries. Resumable: a finished entry has an atomic `arena_result.json` in its run
+directory and is never retrained; the entry in progress resumes from its checkpoint through the loop's own
+resume. An entry whose family is not registered, fails to import, or whose config cannot be built is listed as
+missing in the leaderboard (and retried by the next run of the arena).
+"""
+
+import dataclasses
+import importlib
+import importlib.util
+import json
+import os
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+import archs
+from train import config as config_lib
+from train import ledger, leaderboard, loop, metrics
+
+RESULT = "arena_result.json"
+# Rough sustained training throughput (FLOP/s) and per-entry overhead (compile, eval, decode timing) by backend,
+# for the up-front ETA only; the ETA is re-estimated from the measured rate after each entry.
+THROUGHPUT = {"cpu": 1.5e10, "gpu": 2e14, "tpu": 1e14}
+OVERHEAD_S = {"cpu": 40.0, "gpu": 60.0, "tpu": 60.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  name: str              # leaderboard section
+  metric: str            # "bpb" (held-out bits per byte, lower is better) or "accuracy" (reasoning, higher)
+  budget_flops: float    # training FLOPs every entry of the group gets; 0: not budgeted (auxiliary runs)
+  about: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  name: str              # run directory name and leaderboard row
+  group: str
+  family: str            # a name in archs.FAMILIES
+  build: Callable        # build(arena_dir) -> train.config.Config; steps are then set from the group's budget
+  note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Arena:
+  name: str
+  groups: tuple
+  entries: tuple
+  evals: int = 4                  # evaluations per entry (the bpb-vs-FLOPs curves)
+  decode_tokens: int = 32         # new tokens per prompt when timing decode (tokens/s); 0 skips
+  decode_prompts: int = 4
+  decode_contexts: tuple = ()     # contexts for decode tokens/s vs context (lm entries); () skips
+  decode_steps: int = 8
+  reasoning_examples: int = 64    # eval examples decoded greedily for the answer accuracy
+  xla_check: bool = True          # compile the train step once more for XLA's FLOPs and memory
+
+
+def flops_per_step(cfg):
+  """Analytic training FLOPs of one step of cfg (vocabulary 0 resolved to the byte tokenizer's)."""
+  from train import data
+  model = cfg.model
+  if model.vocab_size == 0:
+    if cfg.data.tokenizer != "bytes":
+      raise config_lib.ConfigError(f"{cfg.family}: model.vocab_size=0 with data.tokenizer={cfg.data.tokenizer!r}: "
+                                   "set the vocabulary size for the FLOPs budget")
+    model = dataclasses.replace(model, vocab_size=data.ByteTokenizer().vocab_size)
+  family = archs.get_family(cfg.family)
+  return family.flops_per_token(model, cfg.data.seq_len) * cfg.data.seq_len * cfg.train.batch_size
+
+
+def fit_budget(cfg, budget, evals=4):
+  """cfg with steps = round(budget / FLOPs per step); warmup, eval/ckpt cadence and a Coconut curriculum's
+  steps per stage scale with it. No samples: the arena times decoding itself."""
+  t, d = cfg.train, cfg.data
+  steps = max(1, round(budget / flops_per_step(cfg))) if budget else t.steps
+  scale = steps / t.steps
+  every = max(1, -(-steps // evals))
+  t = dataclasses.replace(t, steps=steps, warmup_steps=min(round(t.warmup_steps * scale), max(steps - 1, 0)),
+                          eval_every=every, ckpt_every=every, samples=0, log_every=max(1, min(t.log_every, every)))
+  if d.task_stage_steps:
+    d = dataclasses.replace(d, task_stage_steps=max(1, round(d.task_stage_steps * scale)))
+  return dataclasses.replace(cfg, data=d, train=t)
+
+
+def check_family(name):
+  """None if the family is registered and imports, else why not."""
+  if name not in archs.FAMILIES:
+    return f"family {name!r} is not registered in archs.FAMILIES"
+  try:
+    importlib.import_module(archs.FAMILIES[name])
+  except Exception as e:  # a broken family module must not stop the arena
+    return f"family {name!r} fails to import: {type(e).__name__}: {e}"
+  return None
+
+
+def run(arena, workdir, log=print):
+  """Train (or resume) every entry; write leaderboard.md / .json and plots in workdir. Returns the leaderboard."""
+  os.makedirs(workdir, exist_ok=True)
+  groups = {g.name: g for g in arena.groups}
+  bad = [e.name for e in arena.entries if e.group not in groups]
+  if bad:
+    raise config_lib.ConfigError(f"arena {arena.name}: entries {bad} name a group not in {sorted(groups)}")
+  backend = jax.default_backend()
+  metrics.write_json_atomic(os.path.join(workdir, "arena.json"), {
+      "arena": arena.name, "versions": loop.versions(),
+      "groups": [dataclasses.asdict(g) for g in arena.groups],
+      "entries": [{"name": e.name, "group": e.group, "family": e.family, "note": e.note} for e in arena.entries]})
+  done = {e.name: _read_result(workdir, e) for e in arena.entries}
+  todo = [e for e in arena.entries if done[e.name] is None]
+  for g in arena.groups:
+    n = sum(e.group == g.name for e in arena.entries)
+    budget = f"{g.budget_flops:.3g} training FLOPs per entry" if g.budget_flops else "not budgeted (auxiliary)"
+    log(f"arena {arena.name}: group {g.name} ({g.metric}): {n} entries, {budget}")
+  eta = sum(groups[e.group].budget_flops for e in todo) / THROUGHPUT.get(backend, 1e12) + \
+      len(todo) * OVERHEAD_S.get(backend, 60.0)
+  log(f"arena {arena.name}: {len(arena.entries) - len(todo)} finished, {len(todo)} to run on {backend}; "
+      f"ETA ~{eta / 60:.0f} min (assumed {THROUGHPUT.get(backend, 1e12):.2g} FLOP/s; re-estimated per entry)")
+  rate = None
+  spent = {"flops": 0.0, "s": 0.0}
+  for i, entry in enumerate(todo):
+    group = groups[entry.group]
+    reason = check_family(entry.family)
+    cfg = None
+    if reason is None:
+      try:
+        cfg = fit_budget(entry.build(workdir), group.budget_flops, arena.evals)
+        if cfg.family != entry.family:
+          raise config_lib.ConfigError(f"entry {entry.name}: builds family {cfg.family!r}, declared {entry.family!r}")
+        config_lib.validate(cfg)
+      except Exception as e:  # a builder that needs a missing family or run fails: listed as missing
+        reason = f"config: {type(e).__name__}: {e}"
+    if reason is not None:
+      log(f"arena: {entry.name} is MISSING: {reason}")
+      done[entry.name] = {"name": entry.name, "group": entry.group, "family": entry.family, "status": "missing",
+                          "reason": reason, "note": entry.note}
+      continue
+    log(f"arena: [{i + 1}/{len(todo)}] {entry.name} ({entry.family}): {cfg.train.steps} steps of "
+        f"{flops_per_step(cfg):.3g} FLOPs")
+    t0 = time.perf_counter()
+    done[entry.name] = train_entry(arena, entry, group, cfg, os.path.join(workdir, entry.name), log)
+    spent["s"] += time.perf_counter() - t0
+    spent["flops"] += done[entry.name]["flops"]
+    rate = spent["flops"] / spent["s"]
+    left = sum(groups[e.group].budget_flops for e in todo[i + 1:])
+    if left or i + 1 < len(todo):
+      per_entry = spent["s"] / (i + 1) - spent["flops"] / (i + 1) / rate if rate else 0.0
+      log(f"arena: {rate:.3g} FLOP/s measured; ETA ~{(left / rate + max(per_entry, 0) * (len(todo) - i - 1)) / 60:.1f} "
+          "min for the rest")
+  board = leaderboard.write(arena, [done[e.name] for e in arena.entries], workdir)
+  log(leaderboard.markdown(board))
+  return board
+
+
+def _read_result(workdir, entry):
+  path = os.path.join(workdir, entry.name, RESULT)
+  return json.load(open(path)) if os.path.exists(path) else None
+
+
+def train_entry(arena, entry, group, cfg, run_dir, log=print):
+  """Train one entry (resuming its run directory), measure its ledger and decoding; write arena_result.json."""
+  with ledger.PowerTrace() as trace:
+    final = loop.train(cfg, run_dir, log=log)
+  cfg, family, corpus, graphdef, state, _, _ = loop.load_run(run_dir)
+  xla = ledger.compiled_step_cost(cfg) if arena.xla_check else None
+  row = {"name": entry.name, "group": entry.group, "family": entry.family, "status": "done", "note": entry.note,
+         "pattern": getattr(cfg.model, "pattern", ""), "budget_flops": group.budget_flops,
+         **ledger.run_ledger(run_dir, cfg, xla), **{k: v for k, v in final.items() if k.startswith("eval_")},
+         "bound": cfg.family == "diffusion",  # the NELBO: an upper bound on bpb
+         "params": int(sum(x.size for x in jax.tree.leaves(state["params"])))}
+  row["flops_vs_budget"] = row["flops"] / group.budget_flops if group.budget_flops else None
+  if trace.available and trace.t_s:
+    row["energy_trace_j"] = trace.joules()  # board power sampled and integrated: a cross-check of the counter
+  row["device_peak_bytes"] = ledger.device_peak_bytes()
+  from flax import nnx
+  model = nnx.merge(graphdef, state["params"], state["rest"])
+  if arena.decode_tokens:
+    row["decode_tokens_per_s"] = decode_speed(family, model, corpus, arena.decode_prompts, arena.decode_tokens)
+  from train import reasoning_tasks as rt
+  if cfg.data.dataset in rt.TASKS:
+    n = min(arena.reasoning_examples, cfg.data.eval_examples)
+    row["gen_acc"] = rt.generated_accuracy(family, model, corpus, n)[0]
+    row["gen_examples"] = n
+    row["test_flops_per_answer"] = answer_flops(cfg, corpus, n)
+  if arena.decode_contexts and cfg.family == "lm":
+    row["decode_curve"] = decode_curve(cfg.model, arena.decode_contexts, arena.decode_steps)
+  row["curve"] = [[line["flops"], line["eval_bpb"]] for line in metrics.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+                  if "eval_bpb" in line]
+  metrics.write_json_atomic(os.path.join(run_dir, RESULT), row)
+  return row
+
+
+def decode_speed(family, model, corpus, n_prompts, new_tokens):
+  """Generated tokens per second with the family's own decoder (a first call compiles, the second is timed)."""
+  prompts = corpus.prompts(n_prompts)
+  family.generate(model, prompts, new_tokens, jax.random.key(0))  # compile
+  t0 = time.perf_counter()
+  jax.block_until_ready(family.generate(model, prompts, new_tokens, jax.random.key(1)))
+  return prompts.shape[0] * new_tokens / (time.perf_counter() - t0)
+
+
+def answer_flops(cfg, corpus, n):
+  """Analytic forward FLOPs to reach an answer (test-time compute): forward FLOPs per position (the core
+  iterated r = iters_at_test times for recurrent depth) times the positions of an example at the final stage:
+  question, CoT steps (CoT), continuous thoughts (Coconut, one position each) and the answer."""
+  from train import reasoning_tasks as rt
+  family, model = archs.get_family(cfg.family), cfg.model
+  if cfg.family == "recurrent":
+    r = model.iters_at_test
+    model = dataclasses.replace(model, backprop_iters=r, max_iters=r)  # r passes with gradients, none free
+  elif hasattr(model, "thoughts"):
+    model = dataclasses.replace(model, thoughts=0, prefix_len=0)  # thoughts are counted as positions below
+  fwd = family.flops_per_token(model, cfg.data.seq_len) / 3  # training = forward + backward (2x forward)
+  lay = corpus.layout
+  lengths = [sum(map(len, rt.encode(ex, lay.mode, pause=lay.pause, stage=lay.max_stage, thoughts=lay.thoughts,
+                                    max_stage=lay.max_stage)[:2])) for ex in corpus.eval_examples()[:n]]
+  return float(fwd * np.mean(lengths))
+
+
+def decode_curve(model_cfg, contexts, steps):
+  """{context: tokens/s} of single-token decoding after a prefill of `context` tokens (experiments/bench/decode.py)."""
+  spec = importlib.util.spec_from_file_location(
+      "altbench_bench_decode", os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "bench",
+                                            "decode.py"))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  seconds = bench.time_decode(model_cfg, list(contexts), steps, repeats=2)
+  return {str(c): 1.0 / s for c, s in seconds.items()}
+
+
+def load(spec):
+  """'experiments/arena.py[:variant]' -> Arena (the file defines get_arena(variant))."""
+  path, _, variant = spec.partition(":")
+  if not os.path.isfile(path):
+    raise config_lib.ConfigError(f"arena file {path!r} does not exist (expected experiments/arena.py[:variant])")
+  module_spec = importlib.util.spec_from_file_location(f"altbench_arena_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_arena"):
+    raise config_lib.ConfigError(f"arena file {path!r} defines no get_arena(variant)")
+  out = module.get_arena(variant)
+  if not isinstance(out, Arena):
+    raise config_lib.ConfigError(f"{path}: get_arena({variant!r}) returned {type(out).__name__}, expected train.arena.Arena")
+  return out
