@@ -123,7 +123,101 @@ def _monitor(task, recurrent_depth, tgts, grid, pooled, per_item):
           "as_predicted": "the answer after the intervention differs from the full-chain answer"}
 
 
-def _plots(out_dir, grid, faith):
+def _reachable(question, start):
+  edges = [e.split(">") for e in question.split("|")[0].split(",")]
+  seen, todo = {start}, [start]
+  while todo:
+    v = todo.pop()
+    for a, b in edges:
+      if a == v and b not in seen:
+        seen.add(b)
+        todo.append(b)
+  return seen
+
+
+def lens_trajectories(model, family_name, acts, items, examples, pos_index):
+  """Logit lens at every layer and step position of `items` (a Target): the mean lens probability of the
+  model's own final top-1 token there (`final_agreement`, how early the output forms), and for reach the mean
+  probability on the first letters of the frontier at step k (nodes reachable in k + 1 steps) against the
+  letters of nodes unreachable from the start (letters shared with the frontier left out), with the fraction
+  of items where the frontier gets more."""
+  import jax
+
+  from interp import lens
+  layers = list(acts)
+  read = jax.jit(lambda h, normed: jax.nn.softmax(
+      lens.unembed(model, h) if normed else lens.logit_lens(model, h), -1), static_argnums=1)
+  probs = {l: np.asarray(read(acts[l], family_name == "recurrent" and l == "final_norm")) for l in layers}
+  cols = pos_index[items.pos]
+  final = probs[layers[-1]][items.example, cols]  # the last layer's lens is the model's own output distribution
+  top1 = final.argmax(-1)
+  steps = sorted(set(items.step.tolist()))
+  out = {"final_agreement": {}}
+  reach = examples[0].task == "reach"
+  if reach:
+    out.update(frontier={}, unreachable={}, frontier_beats_unreachable={})
+  for l in layers:
+    p = probs[l][items.example, cols]  # (n, vocab)
+    agree = p[np.arange(len(p)), top1]
+    out["final_agreement"][l] = {str(k): float(agree[items.step == k].mean()) for k in steps}
+    if reach:
+      front, unreach = np.zeros(len(p)), np.zeros(len(p))
+      for i, (e, k) in enumerate(zip(items.example, items.step)):
+        ex = examples[e]
+        f_letters = {ord(v[0]) for v in ex.intermediates["frontier"][k]}
+        nodes = {ex.question[j:j + 2] for j in range(0, len(ex.question) - 1) if ex.question[j:j + 2].isalpha()}
+        u_letters = {ord(v[0]) for v in nodes - _reachable(ex.question, ex.intermediates["start"])} - f_letters
+        front[i] = p[i, sorted(f_letters)].mean()
+        unreach[i] = p[i, sorted(u_letters)].mean() if u_letters else np.nan
+      for key, v in (("frontier", front), ("unreachable", unreach), ("frontier_beats_unreachable", front > unreach)):
+        ok = ~np.isnan(unreach)
+        out[key][l] = {str(k): float(np.mean(v[(items.step == k) & ok])) for k in steps}
+  return out
+
+
+def patching_heatmaps(model, family_name, lay, examples, seq_len, out_dir, n=16):
+  """Activation patching on reach with the start-node counterfactual (interp.patching), both directions, for
+  layouts whose clean and counterfactual rows align (coconut thoughts, nocot/pause/filler); the metric is the
+  logit difference answer vs distractor (first letters) at the "#" position. Returns (json, png paths)."""
+  from interp import patching
+  if lay.task != "reach":
+    return {"skipped": f"patching counterfactuals exist for reach only (task {lay.task!r})"}, []
+  if lay.mode == "cot":
+    return {"skipped": "explicit CoT rows of a counterfactual question would need another chain (another "
+                       "length); patch a coconut or nocot run"}, []
+  pairs = [(ex, cf) for ex in examples if (cf := patching.reach_counterfactual(ex)) is not None][:n]
+  if len(pairs) < 2:
+    return {"skipped": f"{len(pairs)} reach counterfactuals among {len(examples)} examples"}, []
+  clean = targets.batch([a for a, _ in pairs], lay, seq_len)["inputs"]
+  corrupt = targets.batch([b for _, b in pairs], lay, seq_len)["inputs"]
+  _, tail, _ = rt.encode(pairs[0][0], lay.mode, pause=lay.pause, stage=lay.max_stage, thoughts=lay.thoughts,
+                         max_stage=lay.max_stage)
+  at = lay.prefix_len + tail.index(ord("#"))
+  good = np.array([ord(a.answer[0]) for a, _ in pairs])
+  bad = np.array([ord(a.intermediates["distractor"][0]) for a, _ in pairs])
+  metric = lambda out: patching.logit_diff(out, at, good, bad)
+  if family_name == "recurrent":
+    groups = {"core_state": ["core.state"]}
+  else:
+    groups = {"resid": ["embed"] + [f"blocks.{i}.resid_post" for i in range(len(model.cfg.pattern))]}
+    if getattr(model.cfg, "thoughts", 0) and lay.mode == "coconut":
+      groups["thoughts"] = ["thoughts.vector"]
+  result, paths = {"pairs": len(pairs), "metric_position": int(at)}, []
+  xlabels = [rt.ByteTokenizer().decode([t]) or "?" for t in clean[0, :at + 1]]
+  for direction in patching.DIRECTIONS:
+    for group, names in groups.items():
+      effects, m_clean, m_corrupt = patching.sweep(model, clean, corrupt, metric, names, direction=direction)
+      effects = {k: np.asarray(v)[..., :at + 1] if np.asarray(v).shape[-1] > 1 else np.asarray(v)
+                 for k, v in effects.items()}
+      result[f"{direction}.{group}"] = {"m_clean": float(m_clean), "m_corrupt": float(m_corrupt),
+                                        "effects": {k: v.tolist() for k, v in effects.items()}}
+      path = os.path.join(out_dir, f"patching_{direction}_{group}.png")
+      wide = all(v.shape[-1] > 1 for v in effects.values())
+      paths.append(patching.heatmap(effects, path, title=f"{direction}: {group}", xlabels=xlabels if wide else None))
+  return result, paths
+
+
+def _plots(out_dir, grid, faith, lens_out=None):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -170,6 +264,22 @@ def _plots(out_dir, grid, faith):
     fig.savefig(path, dpi=100)
     plt.close(fig)
     written.append(path)
+  if lens_out:
+    keys = [k for k in ("final_agreement", "frontier", "unreachable") if k in lens_out]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+      layers = list(lens_out[key])
+      for k in lens_out[key][layers[0]]:
+        ax.plot(range(len(layers)), [lens_out[key][l][k] for l in layers], "o-", label=f"step {k}")
+      ax.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize=7)
+      ax.set_title({"final_agreement": "lens P(final top-1)", "frontier": "lens P(frontier first letters)",
+                    "unreachable": "lens P(unreachable first letters)"}[key], fontsize=9)
+      ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "lens.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    written.append(path)
   return written
 
 
@@ -208,7 +318,7 @@ def run(run_dir, suite="cot", task=None, n=None, seed=0, progress=True):
     subj = None
     summary["skipped"]["faithfulness"] = str(e)
   n_faith = 0 if subj is None else 3 * (subj.get("n") or lay.depth + 1) + 2
-  with tqdm(total=n_jobs + n_faith, desc=f"probe {os.path.basename(run_dir.rstrip('/'))}", disable=not progress,
+  with tqdm(total=n_jobs + n_faith + 2, desc=f"probe {os.path.basename(run_dir.rstrip('/'))}", disable=not progress,
             dynamic_ncols=True) as bar:
     grid, pooled = _probe_grid(tgts, acts, acts_random, pos_index, bar, seed)
     write_json_atomic(os.path.join(out_dir, "probes.json"), grid)
@@ -219,9 +329,16 @@ def run(run_dir, suite="cot", task=None, n=None, seed=0, progress=True):
       mon = _monitor(lay.task, cfg.family == "recurrent", tgts, grid, pooled, per_item)
       write_json_atomic(os.path.join(out_dir, "monitorability.json"), mon)
       summary["monitorability"] = mon.get("score")
-  summary["skipped"]["lens"] = "interp.lens is not available yet"
-  summary["skipped"]["patching"] = "interp.patching is not available yet"
-  summary["plots"] = [os.path.basename(p) for p in _plots(out_dir, grid, faith)]
+    first = next(iter(tgts.values()))
+    lens_out = lens_trajectories(model, cfg.family, acts, first, examples, pos_index)
+    write_json_atomic(os.path.join(out_dir, "lens.json"), lens_out)
+    bar.update(1)
+    patch_out, patch_png = patching_heatmaps(model, cfg.family, lay, examples, cfg.data.seq_len, out_dir)
+    write_json_atomic(os.path.join(out_dir, "patching.json"), patch_out)
+    if "skipped" in patch_out:
+      summary["skipped"]["patching"] = patch_out["skipped"]
+    bar.update(1)
+  summary["plots"] = [os.path.basename(p) for p in _plots(out_dir, grid, faith, lens_out) + patch_png]
   summary["probes"] = {name: {layer: by_layer[layer]["all"]["selectivity"] for layer in by_layer if "all" in by_layer[layer]}
                        for name, by_layer in grid.items()}
   write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
