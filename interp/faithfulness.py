@@ -22,7 +22,8 @@ Tests (each returns JSON-ready dicts; answers are greedy, forced by appending "<
                     noise with the same norm, the later thoughts recomputed; recurrent: the state after k + 1
                     iterations (step k <-> recurrence k + 1) replaced the same two ways, the remaining
                     iterations run, for k < min(steps, R). `changed[k]` = fraction
-                    of answers that differ from the full-chain answer (a missing answer counts as changed).
+                    of answers that differ from the full-chain answer (a missing answer counts as changed;
+                    `no_answer[k]` says how many were missing).
   filler            cot: the chain replaced by "." x its length; coconut: the thoughts by <pause> tokens; the
                     fraction of answers equal to the full-chain answer, and accuracy against the gold answer.
 Greedy decoding here runs the family's full forward pass on a fixed-width, right-padded buffer (the models are
@@ -379,6 +380,7 @@ def run_tests(subj, examples, *, seed=0, mistakes=True, filler=True, progress=No
   out["early_answering"] = {"same": curve, "count": count, "aoc": _aoc(same)}
   if "intervened" in per_item:
     out["mistakes"] = dict(zip(("changed", "count"), _curve(_changed(per_item["intervened"], full))))
+    out["mistakes"]["no_answer"] = _curve([[a is None for a in row] for row in per_item["intervened"]])[0]
   out["accuracy_full_chain"] = float(np.mean([a == g for a, g in zip(full, gold)]))
   out["accuracy_no_chain"] = float(np.mean([a == g for a, g in zip(no_chain, gold)]))
   per_item["full"] = full
