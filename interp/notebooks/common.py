@@ -1,0 +1,75 @@
+"""Shared setup of the interp notebooks: quick mode, where their runs go, and train-or-load of a tiny model.
+
+ALTBENCH_NOTEBOOK_QUICK=1      a handful of training steps and a narrower model (what tests/test_notebooks.py
+                               runs): the same code path with smaller numbers, so the numbers mean little.
+ALTBENCH_NOTEBOOK_WORKDIR=DIR  where runs are written (default runs/notebooks in the repository). A finished
+                               run of the same config there is loaded instead of retrained, so the notebooks
+                               share runs: cot_faithfulness reuses coconut_thoughts' Coconut model and
+                               lenses_across_steps the recurrent-depth model of cot_faithfulness.
+"""
+
+import json
+import os
+
+from flax import nnx
+
+from train import config, loop, metrics
+
+QUICK = os.environ.get("ALTBENCH_NOTEBOOK_QUICK", "0") == "1"
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+WORKDIR = os.environ.get("ALTBENCH_NOTEBOOK_WORKDIR") or os.path.join(ROOT, "runs", "notebooks")
+
+
+def pick(full, quick):
+  """The full-mode value, or the quick-mode one under ALTBENCH_NOTEBOOK_QUICK=1."""
+  return quick if QUICK else full
+
+
+def run_dir(name):
+  return os.path.join(WORKDIR, name + ("-quick" if QUICK else ""))
+
+
+def reasoning_config(variant, steps=None):
+  """experiments/reasoning.py's "<variant>-smoke" config for the notebooks, with CLI-style --set overrides:
+  no mid-run evals, checkpoints or samples (the notebooks read the final state), and in quick mode a 2-block
+  32-wide model (3 blocks for recurrent depth) trained for a few steps. steps: train.steps instead of the
+  experiment's FLOPs-matched count (Coconut's curriculum is rescaled to it)."""
+  from experiments import reasoning
+  cfg = reasoning.get_config(variant + "-smoke")
+  steps = pick(steps or cfg.train.steps, 4)
+  sets = [f"train.steps={steps}", "train.eval_every=0", "train.ckpt_every=0", "train.samples=0",
+          f"train.log_every={pick(10, 1)}", f"train.warmup_steps={max(1, steps // 20)}",
+          f"data.eval_examples={pick(128, 24)}"]
+  if QUICK:
+    pattern = "AAA" if cfg.family == "recurrent" else "AA"
+    sets += [f"model.pattern={pattern}", "model.d_model=32", "train.batch_size=8"]
+    if cfg.family == "recurrent":
+      sets += ["model.max_iters=3", "model.d_ff=64"]
+  if cfg.data.task_stage_steps:  # Coconut's curriculum: max_stage + 2 equal shares of the steps
+    from train import reasoning_tasks as rt
+    sets.append(f"data.task_stage_steps={max(1, steps // (rt.layout(cfg.data).max_stage + 2))}")
+  return config.apply_overrides(cfg, sets)
+
+
+def train_or_load(cfg, name, run=None, log=print):
+  """(cfg, model, corpus, final metrics) of the run directory `run` if given, else of cfg trained in
+  WORKDIR/name (resumed if interrupted, loaded if already finished)."""
+  if run is None:
+    run = run_dir(name)
+    loop.train(cfg, run, log=log)
+  cfg, _, corpus, graphdef, state, _, step = loop.load_run(run)
+  lines = [m for m in metrics.read_jsonl(os.path.join(run, "metrics.jsonl")) if m.get("final")]
+  final = {"step": step, **{k: v for k, v in (lines[-1] if lines else {}).items() if k.startswith("eval_")}}
+  return cfg, nnx.merge(graphdef, state["params"], state["rest"]), corpus, final
+
+
+def describe(cfg):
+  """One line: family, blocks, width, steps."""
+  m = cfg.model
+  return (f"{cfg.family} {m.pattern} d_model={m.d_model}, {cfg.train.steps} steps of {cfg.train.batch_size} on "
+          f"{cfg.data.dataset} ({cfg.data.task_mode if cfg.data.dataset in ('reach', 'mult', 'vartrack') else 'text'})")
+
+
+def summary(name, values):
+  """Print the notebook's JSON summary (tests/test_notebooks.py parses it)."""
+  print(json.dumps({"notebook": name, "quick": QUICK, **values}, indent=1, default=float))
