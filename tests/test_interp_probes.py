@@ -195,3 +195,54 @@ def test_probe_cli_writes_json_and_plots(tmp_path, capsys):
   mon = json.loads((out / "monitorability.json").read_text())
   assert 0.0 <= mon["score"] <= min(mon["readable"], mon["causal"])
   assert cli.main(["probe", str(tmp_path), "--task", "mult"]) == 2  # the run's task is reach
+
+
+# ----------------------------------------------------------------------------- targets and interventions
+
+from archs import recurrent  # noqa: E402
+from interp import targets  # noqa: E402
+
+
+@pytest.mark.parametrize("mode", ["cot", "coconut"])
+def test_target_positions_point_at_the_steps(mode):
+  corpus = _corpus(mode, n=8)
+  lay, examples = corpus.layout, corpus.eval_examples()
+  rows = targets.batch(examples, lay, 96)["inputs"]
+  tg = targets.targets(examples, lay)
+  t = tg["path_second"]
+  for e, k, p, label in zip(t.example, t.step, t.pos, t.label):
+    node = examples[e].intermediates["path"][k]
+    assert label == ord(node[1]) - 97
+    assert rows[e, p] == (ord(node[1]) if mode == "cot" else rt.MASK)  # the step's last byte / its thought slot
+    if mode == "coconut":
+      assert p - lay.prefix_len == k  # c = 1 thought per step, from <bot>'s next slot on
+  f = tg["frontier"]
+  for e, k, p2, label in zip(f.example, f.step, f.pos2, f.label):
+    v = bytes(rows[e, p2 - 1:p2 + 1].tolist()).decode()  # pos2 is the second letter of the node's first mention
+    assert label == (v in examples[e].intermediates["frontier"][k])
+  assert 0 < f.label.mean() < 0.5
+
+
+def test_thought_and_state_interventions_change_only_what_they_replace():
+  corpus = _corpus("coconut", n=4)
+  lay = corpus.layout
+  model = coconut.build(coconut.Config(pattern="A", d_model=32, n_heads=2, vocab_size=262, init_std=0.3,
+                                       thoughts=lay.max_stage, **rt.SPECIAL_IDS), nnx.Rngs(0))
+  subj = F.subject("coconut", model, corpus)
+  rows = targets.batch(corpus.eval_examples(), lay, 96)["inputs"]
+  slot = np.full(len(rows), lay.prefix_len + 1)
+  own = subj["thoughts"](rows)[:, lay.prefix_len + 1]
+  clean = np.asarray(subj["forward"](rows))
+  np.testing.assert_allclose(np.asarray(subj["forward"](rows, slot=slot, vec=own)), clean, atol=1e-4)
+  other = np.asarray(subj["forward"](rows, slot=slot, vec=np.roll(own, 1, axis=0)))
+  np.testing.assert_allclose(other[:, :lay.prefix_len + 1], clean[:, :lay.prefix_len + 1], atol=1e-4)  # causal
+  assert np.abs(other[:, lay.prefix_len + 1:] - clean[:, lay.prefix_len + 1:]).max() > 1e-2  # later ones move
+  rmodel = recurrent.build(recurrent.Config(pattern="AAA", d_model=32, n_heads=2, vocab_size=262, init_std=0.3),
+                           nnx.Rngs(0))
+  fwd = F._recurrent_forward(rmodel)
+  logits, s2 = fwd(rows, iters=2, return_state=True)
+  r = rmodel.cfg.iters_at_test
+  full = np.asarray(fwd(rows, iters=r))
+  np.testing.assert_allclose(np.asarray(fwd(rows, iters=r, patch_at=2, repl=s2)), full, atol=1e-4)
+  assert np.abs(np.asarray(fwd(rows, iters=r, patch_at=2, repl=np.roll(s2, 1, axis=0))) - full).max() > 1e-2
+  assert np.abs(np.asarray(fwd(rows, iters=r - 1)) - full).max() > 1e-2  # the iteration count is used
