@@ -1,4 +1,4 @@
-"""The `altbench` command: train | eval RUN | sample RUN | probe RUN | report RUN... | convert-hf HF_DIR --out RUN
+"""The `altbench` command: train | arena | eval RUN | sample RUN | probe RUN | report RUN... | convert-hf HF_DIR --out RUN
 
 Exit codes: 0 done, 2 bad config, data or run directory, 3 non-finite loss, 130 interrupted (resumable).
 """
@@ -37,6 +37,20 @@ def cmd_train(args):
   workdir = args.workdir or os.path.join("runs", f"{name}-{variant}" if variant else name)
   _setup_jax(args)
   loop.train(cfg, workdir)
+
+
+def cmd_arena(args):
+  from train import arena, loop
+  spec = arena.load(args.arena)
+  workdir = args.workdir or os.path.join("runs", spec.name)
+  _setup_jax(args)
+  import jax
+  if not jax.config.jax_compilation_cache_dir:  # a resumed arena (and the ledger's XLA cross-check) reuse compiles
+    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir), "xla_cache"))
+  try:
+    arena.run(spec, workdir)
+  except KeyboardInterrupt:
+    raise loop.Interrupted(f"arena interrupted; rerun the same command to resume {workdir}") from None
 
 
 def cmd_eval(args):
@@ -103,6 +117,11 @@ def main(argv=None):
   p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config field")
   p.add_argument("--workdir", help="run directory (default runs/<name>-<variant>)")
   p.set_defaults(func=cmd_train)
+
+  p = sub.add_parser("arena", help="train every entry of an arena to equal FLOPs; leaderboard, ledger and plots")
+  p.add_argument("arena", help="experiments/arena.py[:variant] (smoke | cpu | gpu)")
+  p.add_argument("--workdir", help="arena directory, one run directory per entry (default runs/arena-<variant>)")
+  p.set_defaults(func=cmd_arena)
 
   p = sub.add_parser("eval", help="held-out loss and bits per byte of a run's latest checkpoint")
   p.add_argument("run")
