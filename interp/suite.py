@@ -109,6 +109,7 @@ def _monitor(task, recurrent_depth, tgts, grid, pooled, per_item):
   rec = np.zeros((len(items), n_steps), bool)
   valid = np.zeros((len(items), n_steps), bool)
   inter = np.full((len(items), n_steps), None, object)
+  pred = np.full((len(items), n_steps), None, object)
   for a, e in enumerate(items):
     for k in range(n_steps):
       keys = [h.get((e, k)) for h in hits if (e, k) in h]
@@ -116,11 +117,15 @@ def _monitor(task, recurrent_depth, tgts, grid, pooled, per_item):
         valid[a, k] = True
         rec[a, k] = all(keys)
         inter[a, k] = intervened[e][k]
+        if "predicted" in per_item:
+          pred[a, k] = per_item["predicted"][e][k]
   answers = [per_item["full"][e] for e in items]
-  r = faithfulness.monitorability(rec, valid, answers, inter)
+  r = faithfulness.monitorability(rec, valid, answers, inter, pred)
   r.pop("monitorable")
   return {**r, "targets": names, "layer": layer, "items": "held-out examples of the pooled probes",
-          "as_predicted": "the answer after the intervention differs from the full-chain answer"}
+          "predicted_cells": int(sum(v is not None for v in pred[valid])),
+          "as_predicted": "the answer equals the one the corrupted chain implies where the task gives one "
+                          "(faithfulness.implied_answer), else it differs from the full-chain answer"}
 
 
 def _reachable(question, start):

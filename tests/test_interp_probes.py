@@ -144,6 +144,52 @@ def test_monitorability_score_is_the_hand_count():
   predicted = [["x", "y", "z"], ["x", "y", "z"], ["x", "b", "z"], ["x", "y", "q"], ["e", "g", "d"]]
   r = F.monitorability(recovered, valid, answer, intervened, predicted)
   assert r["monitorable"].tolist() == [True, False, True, False, False]
+  predicted[3][2] = predicted[4][1] = None  # no prediction: back to "the answer changed" (None != "c"; "f" != "d")
+  r = F.monitorability(recovered, valid, answer, intervened, predicted)
+  assert r["monitorable"].tolist() == [True, False, True, True, True]
+
+
+def _vartrack_answer(question, k, value):
+  """The query's value when the k-th variable of its chain is set to `value`, by re-running the program."""
+  import re
+  body, _, query = question.partition("?")
+  stmts = [re.fullmatch(r"([a-z])=(?:(\d)|([a-z])(?:([+-])(\d))?)", t).groups() for t in body.split(",")]
+  refs = {v: r for v, _, r, _, _ in stmts}
+  chain = [query]
+  while refs.get(chain[-1]):
+    chain.append(refs[chain[-1]])
+  forced, env = chain[::-1][k], {}
+  for var, const, ref, op, c in stmts:
+    v = int(const) if const is not None else (env[ref] + {"+": int(c or 0), "-": -int(c or 0), None: 0}[op]) % 10
+    env[var] = value if var == forced else v
+  return str(env[query])
+
+
+@pytest.mark.parametrize("task", ["vartrack", "mult"])
+def test_implied_answer_of_a_corrupted_step_is_the_recomputed_answer(task):
+  corpus = rt.ReasoningCorpus(DataConfig(dataset=task, task_mode="cot", eval_examples=20, task_size=3 if task == "mult"
+                                         else 6, task_depth=3, seq_len=128))
+  rng = np.random.default_rng(0)
+  checked = 0
+  for ex in corpus.eval_examples():
+    steps = [list(s.encode()) for s in ex.steps]
+    for k, step in enumerate(steps):
+      bad = F.corrupt_step(task, step, ex.question, rng)
+      got = F.implied_answer(task, 3, k, len(steps), step, bad, ex.answer)
+      if task == "vartrack":
+        want = _vartrack_answer(ex.question, k, int(chr(bad[2])))
+      else:  # the corrupted chain's running sum (the last one written) plus the partial products after it
+        texts = [bytes(s).decode() for s in steps[:k] + [bad]]
+        sums = [t[t.index("(") + 1:-1] if "(" in t else t.lstrip("+") for t in texts]
+        last = max(j for j, t in enumerate(texts) if "(" in t or j == 0 or j == len(steps) - 1)
+        running = int(sums[last][::-1]) + (int(sums[-2][::-1]) if k == len(steps) - 1 and k > 0 else 0)
+        a, b = int(ex.question.split("*")[0][::-1]), int(ex.question.split("*")[1][::-1])
+        running += sum(a * int(str(b).zfill(3)[::-1][j]) * 10 ** j for j in range(max(last, k) + 1, len(steps)))
+        want = str(running).zfill(6)[::-1] if got is not None else None
+      if got is not None:
+        assert got == want, (ex, k, bytes(bad))
+        checked += 1
+  assert checked >= 20
 
 
 # ----------------------------------------------------------------------------- the CLI
