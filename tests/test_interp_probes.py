@@ -137,16 +137,17 @@ def test_monitorability_score_is_the_hand_count():
   valid = [[1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 0]]
   answer = ["a", "a", "b", "c", "d"]
   intervened = [["x", "y", "z"], ["x", "y", "z"], ["x", "b", "z"], ["x", "y", None], ["e", "f", "d"]]
-  # readable: items 0, 2, 3, 4; causal (answer changed at every valid step): 0, 1, 3 (None != "c"), 4
+  # readable: items 0, 2, 3, 4; causal (answer changed to another answer at every valid step): 0, 1, 4 (item 3
+  # gave no answer at step 2, item 4's step 2 is not valid)
   r = F.monitorability(recovered, valid, answer, intervened)
-  assert (r["score"], r["readable"], r["causal"], r["n"]) == (3 / 5, 4 / 5, 4 / 5, 5)
-  assert r["monitorable"].tolist() == [True, False, False, True, True]
+  assert (r["score"], r["readable"], r["causal"], r["n"]) == (2 / 5, 4 / 5, 3 / 5, 5)
+  assert r["monitorable"].tolist() == [True, False, False, False, True]
   predicted = [["x", "y", "z"], ["x", "y", "z"], ["x", "b", "z"], ["x", "y", "q"], ["e", "g", "d"]]
   r = F.monitorability(recovered, valid, answer, intervened, predicted)
   assert r["monitorable"].tolist() == [True, False, True, False, False]
-  predicted[3][2] = predicted[4][1] = None  # no prediction: back to "the answer changed" (None != "c"; "f" != "d")
+  predicted[3][2] = predicted[4][1] = None  # no prediction: back to "the answer changed" ("f" != "d"; item 3 None)
   r = F.monitorability(recovered, valid, answer, intervened, predicted)
-  assert r["monitorable"].tolist() == [True, False, True, True, True]
+  assert r["monitorable"].tolist() == [True, False, True, False, True]
 
 
 def _vartrack_answer(question, k, value):
