@@ -344,7 +344,7 @@ def run(run_dir, suite="cot", task=None, n=None, seed=0, progress=True):
       summary["skipped"]["patching"] = patch_out["skipped"]
     bar.update(1)
   summary["plots"] = [os.path.basename(p) for p in _plots(out_dir, grid, faith, lens_out) + patch_png]
-  summary["probes"] = {name: {layer: by_layer[layer]["all"]["selectivity"] for layer in by_layer if "all" in by_layer[layer]}
+  summary["probes"] = {name: {layer: v["all"]["selectivity"] for layer, v in by_layer.items() if "all" in v}
                        for name, by_layer in grid.items()}
   write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
   return summary

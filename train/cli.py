@@ -150,7 +150,8 @@ def main(argv=None):
   p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
   p.set_defaults(func=cmd_bench)
 
-  p = sub.add_parser("probe", help="CoT probe suite of a reasoning run: probes, faithfulness, monitorability -> RUN/probe/")
+  p = sub.add_parser("probe", help="CoT probe suite of a reasoning run (probes, lenses, faithfulness, patching) "
+                                   "-> RUN/probe/")
   p.add_argument("run")
   p.add_argument("--suite", default="cot", help="which suite (cot)")
   p.add_argument("--task", default=None, help="check the run's task (reach, mult, vartrack)")
