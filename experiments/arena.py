@@ -32,7 +32,7 @@ SIZES = {  # the text group's widths (every family at this width; Mamba-2 hybrid
     "gpu": dict(d=768, heads=12, layers=12, local=384, local_heads=6, seq_len=1024, batch=32, baseline_steps=2000,
                 eval_bytes=1 << 20, ssm=dict(d_state=64, ssm_headdim=64, chunk_size=64), lr=1e-3),
 }
-REACH = {"smoke": dict(suffix="-smoke", baseline_steps=60), "cpu": dict(suffix="-smoke", baseline_steps=1500),
+REACH = {"smoke": dict(suffix="-smoke", baseline_steps=60), "cpu": dict(suffix="-smoke", baseline_steps=1000),
          "gpu": dict(suffix="", baseline_steps=4000)}
 DECODE = {"smoke": dict(decode_contexts=(64, 256), decode_steps=4, reasoning_examples=32),
           "cpu": dict(decode_contexts=(128, 512, 2048), decode_steps=8, reasoning_examples=128),

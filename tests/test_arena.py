@@ -130,6 +130,18 @@ def test_missing_families_are_listed_as_missing(first_run):
   assert not os.path.exists(os.path.join(workdir, "ghost"))
 
 
+def test_diverged_entry_is_listed_as_failed(tmp_path, monkeypatch):
+  def diverge(cfg, run_dir, log=print):
+    raise loop.NonFiniteLoss("step 3: loss is nan")
+  monkeypatch.setattr(loop, "train", diverge)
+  spec = arena.Arena("f", (arena.Group("text", "bpb", 1e6),), (arena.Entry("tf", "text", "lm", lambda _: _text_config()),))
+  board = arena.run(spec, str(tmp_path), log=lambda *_: None)
+  row = board["groups"][0]["rows"][0]
+  assert row["status"] == "failed" and "loss is nan" in row["reason"]
+  assert "| tf | lm | **failed**: step 3: loss is nan" in open(tmp_path / "leaderboard.md").read()
+  assert not os.path.exists(tmp_path / "tf" / arena.RESULT)  # retried by the next run
+
+
 @pytest.fixture(scope="module")
 def resumed_run(tmp_path_factory, compile_cache):
   """The same arena in a second directory, killed (KeyboardInterrupt) when its second entry starts, then rerun."""

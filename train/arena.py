@@ -5,7 +5,7 @@ An arena spec (experiments/arena.py) is a list of Groups (entries scored on the 
 leaderboard section) and Entries. Resumable: a finished entry has an atomic `arena_result.json` in its run
 directory and is never retrained; the entry in progress resumes from its checkpoint through the loop's own
 resume. An entry whose family is not registered, fails to import, or whose config cannot be built is listed as
-missing in the leaderboard (and retried by the next run of the arena).
+missing in the leaderboard, one whose loss turns non-finite as failed (both are retried by the next run).
 """
 
 import dataclasses
@@ -26,7 +26,7 @@ from train import ledger, leaderboard, loop, metrics
 RESULT = "arena_result.json"
 # Rough sustained training throughput (FLOP/s) and per-entry overhead (compile, eval, decode timing) by backend,
 # for the up-front ETA only; the ETA is re-estimated from the measured rate after each entry.
-THROUGHPUT = {"cpu": 1.5e10, "gpu": 2e14, "tpu": 1e14}
+THROUGHPUT = {"cpu": 1.5e10, "gpu": 1e14, "tpu": 1e14}
 OVERHEAD_S = {"cpu": 40.0, "gpu": 60.0, "tpu": 60.0}
 
 
@@ -121,7 +121,6 @@ def run(arena, workdir, log=print):
       len(todo) * OVERHEAD_S.get(backend, 60.0)
   log(f"arena {arena.name}: {len(arena.entries) - len(todo)} finished, {len(todo)} to run on {backend}; "
       f"ETA ~{eta / 60:.0f} min (assumed {THROUGHPUT.get(backend, 1e12):.2g} FLOP/s; re-estimated per entry)")
-  rate = None
   spent = {"flops": 0.0, "s": 0.0}
   for i, entry in enumerate(todo):
     group = groups[entry.group]
@@ -143,15 +142,19 @@ def run(arena, workdir, log=print):
     log(f"arena: [{i + 1}/{len(todo)}] {entry.name} ({entry.family}): {cfg.train.steps} steps of "
         f"{flops_per_step(cfg):.3g} FLOPs")
     t0 = time.perf_counter()
-    done[entry.name] = train_entry(arena, entry, group, cfg, os.path.join(workdir, entry.name), log)
+    try:
+      done[entry.name] = train_entry(arena, entry, group, cfg, os.path.join(workdir, entry.name), log)
+    except loop.NonFiniteLoss as e:  # a diverged entry is a result too; the others still run
+      log(f"arena: {entry.name} FAILED: {e}")
+      done[entry.name] = {"name": entry.name, "group": entry.group, "family": entry.family, "status": "failed",
+                          "reason": str(e), "note": entry.note}
+      continue
     spent["s"] += time.perf_counter() - t0
     spent["flops"] += done[entry.name]["flops"]
-    rate = spent["flops"] / spent["s"]
     left = sum(groups[e.group].budget_flops for e in todo[i + 1:])
-    if left or i + 1 < len(todo):
-      per_entry = spent["s"] / (i + 1) - spent["flops"] / (i + 1) / rate if rate else 0.0
-      log(f"arena: {rate:.3g} FLOP/s measured; ETA ~{(left / rate + max(per_entry, 0) * (len(todo) - i - 1)) / 60:.1f} "
-          "min for the rest")
+    if left:
+      rate = spent["flops"] / spent["s"]  # compilation, eval and decode timing included
+      log(f"arena: {rate:.3g} FLOP/s so far, overheads included; ETA ~{left / rate / 60:.1f} min for the rest")
   board = leaderboard.write(arena, [done[e.name] for e in arena.entries], workdir)
   log(leaderboard.markdown(board))
   return board

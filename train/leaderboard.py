@@ -2,7 +2,7 @@
 
 One section per group (entries scored on the same data at the same budget): bpb groups rank by held-out bits
 per byte (diffusion's is the NELBO, an upper bound, marked <=), accuracy groups by greedy-decoding answer
-accuracy. Missing entries are listed last with the reason. Fields in TIMING vary from run to run (time, energy,
+accuracy. Missing (and failed) entries are listed last with the reason. Fields in TIMING vary from run to run (time, energy,
 decode speed, runtime memory); everything else is a pure function of the arena spec and seed.
 """
 
@@ -69,7 +69,7 @@ def markdown(board):
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, r in enumerate(g["rows"]):
       if r["status"] != "done":
-        lines.append(f"| - | {r['name']} | {r['family']} | **missing**: {r['reason']} |" + " |" * (len(head) - 4))
+        lines.append(f"| - | {r['name']} | {r['family']} | **{r['status']}**: {r['reason']} |" + " |" * (len(head) - 4))
         continue
       if acc:
         cells = [_f(r.get("gen_acc"), ".3f"), _f(r.get("eval_exact"), ".3f"), _f(r.get("test_flops_per_answer"), ".3g")]
