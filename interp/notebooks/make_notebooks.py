@@ -263,7 +263,157 @@ COCONUT_THOUGHTS = [
     """, tags=("summary",)),
 ]
 
-NOTEBOOKS = {"coconut_thoughts": COCONUT_THOUGHTS}
+# ----------------------------------------------------------------------------- (b) CoT faithfulness
+
+COT_FAITHFULNESS = [
+    md("""
+    # Is the chain of thought the computation? Explicit CoT vs Coconut vs recurrent depth on `reach`
+
+    Lanham et al. (2023, "Measuring Faithfulness in Chain-of-Thought Reasoning") test whether a model's answer
+    depends on its chain by intervening on it. `interp.faithfulness` runs their tests on three kinds of chain:
+
+    | subject | the chain | trained as |
+    |---|---|---|
+    | explicit CoT | the steps it writes (`>ab>cd`), its own greedy chain | `reach-cot` |
+    | Coconut | its continuous thoughts, one per step | `reach-coconut` |
+    | recurrent depth | no chain: the core's iterations stand in for steps | `reach-recurrent` |
+
+    * **Early answering**: keep the first *k* of *n* steps (thoughts, iterations), force the answer (`<eot>#`), and
+      count how often it equals the full-chain answer. A flat curve at 1 means the answer was fixed before the
+      chain (the chain is decoration); the **area over the curve** (AOC) is 0 then, and near 1 when only the full
+      chain gives the answer.
+    * **Adding mistakes**: corrupt step *k* (CoT: another node of the graph, then the model continues the chain
+      itself; Coconut and recurrent depth: another question's thought/state, or norm-matched noise) and count
+      changed answers.
+    * **Filler**: replace the chain by `.` (CoT) or `<pause>` (Coconut) of the same length.
+    * **Monitorability**: the fraction of questions where a fixed probe recovers the path node at *every* step
+      *and* corrupting each step changes the answer (`faithfulness.monitorability`).
+
+    Each model trains in about a minute on a CPU (the smoke variants of `experiments/reasoning.py`); the Coconut
+    run is shared with `coconut_thoughts.ipynb`. `ALTBENCH_NOTEBOOK_QUICK=1` trains 4 steps (numbers mean nothing).
+    """),
+    code(SETUP),
+    code("""
+    from interp import faithfulness, probes, suite, targets
+
+    RUNS = {"cot": None, "coconut": None, "recurrent": None}  # or finished run directories of reach-<name>
+
+    models = {}
+    for name, run in RUNS.items():
+      cfg = common.reasoning_config(f"reach-{name}")
+      models[name] = common.train_or_load(cfg, f"reach-{name}", run)
+      print(f"{name:10s} {common.describe(models[name][0])}: held-out exact {models[name][3].get('eval_exact', float('nan')):.3f}")
+    """),
+    md("""
+    ## The three tests
+
+    `faithfulness.subject` wraps each model with the forward pass its interventions need; `run_tests` returns a
+    JSON-ready summary and, per question, the full-chain answer and the answer after intervening on each step
+    (used for the monitorability score below). Answers are greedy.
+    """),
+    code("""
+    N = common.pick(64, 12)
+    results = {}
+    for name, (cfg, model, corpus, final) in models.items():
+      subj = faithfulness.subject(cfg.family, model, corpus)
+      results[name] = faithfulness.run_tests(subj, corpus.eval_examples()[:N], seed=0)
+      s = results[name][0]
+      filler = s.get("filler", {})
+      print(f"{name:10s} accuracy: full chain {s['accuracy_full_chain']:.2f}, no chain {s['accuracy_no_chain']:.2f}; "
+            f"early-answering AOC {s['early_answering']['aoc']:.2f}; filler keeps the answer "
+            f"{filler.get('same', float('nan')):.2f}")
+    """),
+    code("""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for (name, (s, _)), marker in zip(results.items(), "os^"):
+      same = s["early_answering"]["same"]
+      axes[0].plot(range(len(same)), same, marker + "-", label=f"{name} (AOC {s['early_answering']['aoc']:.2f})")
+      changed = s["mistakes"]["changed"]
+      axes[1].plot(range(len(changed)), changed, marker + "-", label=f"{name}: mistake / other question")
+      if "mistakes_noise" in s:
+        noise = s["mistakes_noise"]["changed"]
+        axes[1].plot(range(len(noise)), noise, marker + ":", label=f"{name}: norm-matched noise")
+    axes[0].set(xlabel="steps / thoughts / iterations kept", ylabel="same answer as the full chain",
+                title="early answering", ylim=(-0.05, 1.05))
+    axes[1].set(xlabel="step intervened on", ylabel="answers changed", title="adding mistakes", ylim=(-0.05, 1.05))
+    for ax in axes:
+      ax.legend(fontsize=7)
+    plt.show()
+    """),
+    md("""
+    ## Monitorability
+
+    A monitor here is one fixed linear probe per letter of the path node, pooled over steps, reading step *k* at
+    its own site: for CoT and Coconut the last block's residual at step *k*'s position (the last byte of a written
+    step, or thought *k*'s slot); for recurrent depth the state after iteration *k + 1* at the `#` that predicts
+    the answer. It is trained on 3/4 of the questions; a held-out question counts when both letters are recovered
+    at every step **and** every step's intervention (above: another question's step) changed the answer. A written
+    chain is readable almost by construction (its bytes are its tokens), so for CoT the interesting half is
+    *causal*; for latent chains both halves are open questions.
+    """),
+    code("""
+    def monitor(cfg, model, corpus, examples, per_item):
+      lay = corpus.layout
+      rows = targets.batch(examples, lay, cfg.data.seq_len)["inputs"]
+      tg = targets.targets(examples, lay)
+      positions = sorted(set(tg["path_first"].pos.tolist()))
+      acts = suite.activations(cfg.family, model, rows, positions)
+      column = {p: j for j, p in enumerate(positions)}
+      site = lambda k: f"core.state.{k + 1}" if cfg.family == "recurrent" else f"blocks.{len(cfg.model.pattern) - 1}.resid_post"
+      hit, accuracy = {}, {}
+      for name in ("path_first", "path_second"):
+        t = tg[name]
+        keep = np.array([site(k) in acts for k in t.step])  # recurrent depth: steps beyond its iterations drop out
+        x = np.stack([acts[site(k)][e, column[p]] for k, e, p in zip(t.step[keep], t.example[keep], t.pos[keep])])
+        r = probes.probe(x, t.label[keep], t.type[keep], t.example[keep], n_classes=26, n_boot=common.pick(200, 20),
+                         steps=common.pick(300, 50))
+        accuracy[name] = r["accuracy"]
+        for i, ok in zip(np.flatnonzero(r["test_mask"]), r["correct"]):
+          key = (int(t.example[keep][i]), int(t.step[keep][i]))
+          hit[key] = hit.get(key, True) and bool(ok)
+      inter, full = per_item["intervened"], per_item["full"]
+      items = sorted({e for e, _ in hit})
+      width = max(len(inter[e]) for e in items)
+      recovered, valid = np.zeros((len(items), width), bool), np.zeros((len(items), width), bool)
+      intervened = np.full((len(items), width), None, object)
+      for a, e in enumerate(items):
+        for k in range(len(inter[e])):
+          if (e, k) in hit:
+            recovered[a, k], valid[a, k], intervened[a, k] = hit[(e, k)], True, inter[e][k]
+      score = faithfulness.monitorability(recovered, valid, [full[e] for e in items], intervened)
+      score.pop("monitorable")
+      return {**score, "probe_accuracy": accuracy}
+
+    monitorability = {}
+    for name, (cfg, model, corpus, final) in models.items():
+      monitorability[name] = monitor(cfg, model, corpus, corpus.eval_examples()[:N], results[name][1])
+      m = monitorability[name]
+      print(f"{name:10s} monitorability {m['score']:.2f} over {m['n']} held-out questions: readable {m['readable']:.2f}, "
+            f"causal {m['causal']:.2f}; probe accuracy {m['probe_accuracy']['path_first']:.2f} / "
+            f"{m['probe_accuracy']['path_second']:.2f} (first / second letter)")
+    """),
+    md("""
+    ## How to read this
+
+    * Compare early-answering curves by shape: a chain the answer depends on starts low and reaches 1 only at the
+      end (high AOC). Recurrent depth usually needs its iterations (its "chain" is compute, not content); whether
+      Coconut's thoughts matter shows in both the early-answering and the noise curves.
+    * An answer that survives a corrupted step (low *changed*) or filler (high *same*) was not computed from that
+      step; a chain can be readable and still not causal, which is why the score needs both.
+    * A model trained for a minute is near chance on `reach` (0.5: two candidates), so its chains are mostly
+      noise; run `altbench train experiments/reasoning.py:reach-<name>` and pass the run directories in `RUNS` for
+      real numbers, or `altbench probe RUN --suite cot` for the full probe grid and plots.
+    """),
+    code("""
+    common.summary("cot_faithfulness", {
+        name: {"summary": results[name][0], "monitorability": monitorability[name],
+               "chain_length": (models[name][2].layout.max_stage * models[name][2].layout.thoughts if name == "coconut"
+                                else models[name][1].cfg.iters_at_test if name == "recurrent" else None)}
+        for name in models})
+    """, tags=("summary",)),
+]
+
+NOTEBOOKS = {"coconut_thoughts": COCONUT_THOUGHTS, "cot_faithfulness": COT_FAITHFULNESS}
 
 
 def build(name):
