@@ -12,8 +12,9 @@ Groups (each its own budget and leaderboard section):
   reach      graph reachability (experiments/reasoning.py): nocot, cot, coconut, recurrent (recurrent depth) at
              the CoT baseline's budget; scored by greedy-decoding answer accuracy.
 Variants: "smoke" (every entry tiny: about a minute each on a 2-core CPU, compilation included), "cpu" (an hour
-on 2 CPU cores, the transformer trained well past the point where AR beats diffusion), "gpu" (a ~125M-parameter
-transformer budget for one GPU). "" is cpu. Steps per entry = budget / that entry's analytic FLOPs per step.
+on 2 CPU cores, the transformer trained well past the point where AR beats diffusion), "gpu" (one GPU: the budget
+of a GPT-2-small-shaped byte transformer, d 768 x 12 layers, 85M parameters, which GPT-2 small has besides its
+38M of 50k-token embeddings, for 4000 steps of 32 x 1024 bytes). "" is cpu. Steps per entry = budget / that entry's analytic FLOPs per step.
 """
 
 import dataclasses
@@ -29,7 +30,7 @@ SIZES = {  # the text group's widths (every family at this width; Mamba-2 hybrid
                   eval_bytes=8192, ssm=dict(d_state=16, ssm_headdim=16, chunk_size=32), lr=3e-3),
     "cpu": dict(d=128, heads=4, layers=3, local=64, local_heads=2, seq_len=128, batch=16, baseline_steps=400,
                 eval_bytes=32768, ssm=dict(d_state=32, ssm_headdim=32, chunk_size=32), lr=2e-3),
-    "gpu": dict(d=768, heads=12, layers=12, local=384, local_heads=6, seq_len=1024, batch=32, baseline_steps=2000,
+    "gpu": dict(d=768, heads=12, layers=12, local=384, local_heads=6, seq_len=1024, batch=32, baseline_steps=4000,
                 eval_bytes=1 << 20, ssm=dict(d_state=64, ssm_headdim=64, chunk_size=64), lr=1e-3),
 }
 REACH = {"smoke": dict(suffix="-smoke", baseline_steps=60), "cpu": dict(suffix="-smoke", baseline_steps=1000),
