@@ -10,10 +10,12 @@ ALTBENCH_NOTEBOOK_WORKDIR=DIR  where runs are written (default runs/notebooks in
 
 import json
 import os
+import sys
 
 from flax import nnx
 
 from train import config, loop, metrics
+from train import reasoning_tasks as rt
 
 QUICK = os.environ.get("ALTBENCH_NOTEBOOK_QUICK", "0") == "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -29,24 +31,26 @@ def run_dir(name):
   return os.path.join(WORKDIR, name + ("-quick" if QUICK else ""))
 
 
-def reasoning_config(variant, steps=None):
-  """experiments/reasoning.py's "<variant>-smoke" config for the notebooks, with CLI-style --set overrides:
-  no mid-run evals, checkpoints or samples (the notebooks read the final state), and in quick mode a 2-block
-  32-wide model (3 blocks for recurrent depth) trained for a few steps. steps: train.steps instead of the
-  experiment's FLOPs-matched count (Coconut's curriculum is rescaled to it)."""
-  from experiments import reasoning
-  cfg = reasoning.get_config(variant + "-smoke")
+def experiment_config(experiment, variant, steps=None):
+  """experiments/<experiment>.py:<variant> (a "-smoke" variant) for a notebook, with CLI-style --set overrides:
+  no mid-run evals, checkpoints or samples (the notebooks read the final state), a small eval set, and in quick
+  mode a 2-block 32-wide model (3 blocks for recurrent depth) trained for 4 steps. steps: train.steps instead
+  of the experiment's FLOPs-matched count (Coconut's curriculum is rescaled to it)."""
+  cfg = config.load_experiment(os.path.join(ROOT, "experiments", f"{experiment}.py:{variant}"))
   steps = pick(steps or cfg.train.steps, 4)
   sets = [f"train.steps={steps}", "train.eval_every=0", "train.ckpt_every=0", "train.samples=0",
-          f"train.log_every={pick(10, 1)}", f"train.warmup_steps={max(1, steps // 20)}",
-          f"data.eval_examples={pick(128, 24)}"]
+          f"train.log_every={pick(10, 1)}", f"train.warmup_steps={max(1, steps // 20)}"]
+  if cfg.data.dataset in rt.TASKS:
+    sets.append(f"data.eval_examples={pick(128, 24)}")
+  else:
+    sets += [f"data.eval_bytes={pick(8192, 1024)}", "train.eval_repeats=1"]
   if QUICK:
-    pattern = "AAA" if cfg.family == "recurrent" else "AA"
-    sets += [f"model.pattern={pattern}", "model.d_model=32", "train.batch_size=8"]
+    sets += [f"model.pattern={'AAA' if cfg.family == 'recurrent' else 'AA'}", "model.d_model=32", "train.batch_size=8"]
     if cfg.family == "recurrent":
       sets += ["model.max_iters=3", "model.d_ff=64"]
+    if cfg.data.dataset not in rt.TASKS:
+      sets.append("data.seq_len=64")
   if cfg.data.task_stage_steps:  # Coconut's curriculum: max_stage + 2 equal shares of the steps
-    from train import reasoning_tasks as rt
     sets.append(f"data.task_stage_steps={max(1, steps // (rt.layout(cfg.data).max_stage + 2))}")
   return config.apply_overrides(cfg, sets)
 
@@ -72,4 +76,4 @@ def describe(cfg):
 
 def summary(name, values):
   """Print the notebook's JSON summary (tests/test_notebooks.py parses it)."""
-  print(json.dumps({"notebook": name, "quick": QUICK, **values}, indent=1, default=float))
+  print(json.dumps({"notebook": name, "quick": QUICK, "python": sys.executable, **values}, indent=1, default=float))

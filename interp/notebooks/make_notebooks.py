@@ -98,7 +98,7 @@ COCONUT_THOUGHTS = [
 
     COCONUT_RUN = None  # or the path of a finished reach-coconut run directory
 
-    cfg = common.reasoning_config("reach-coconut")
+    cfg = common.experiment_config("reasoning", "reach-coconut-smoke")
     cfg, model, corpus, final = common.train_or_load(cfg, "reach-coconut", COCONUT_RUN)
     lay = corpus.layout
     print(common.describe(cfg))
@@ -300,7 +300,7 @@ COT_FAITHFULNESS = [
 
     models = {}
     for name, run in RUNS.items():
-      cfg = common.reasoning_config(f"reach-{name}")
+      cfg = common.experiment_config("reasoning", f"reach-{name}-smoke")
       models[name] = common.train_or_load(cfg, f"reach-{name}", run)
       print(f"{name:10s} {common.describe(models[name][0])}: held-out exact {models[name][3].get('eval_exact', float('nan')):.3f}")
     """),
@@ -413,7 +413,202 @@ COT_FAITHFULNESS = [
     """, tags=("summary",)),
 ]
 
-NOTEBOOKS = {"coconut_thoughts": COCONUT_THOUGHTS, "cot_faithfulness": COT_FAITHFULNESS}
+# ----------------------------------------------------------------------------- (c) lenses across steps
+
+LENSES_ACROSS_STEPS = [
+    md("""
+    # Lenses across recurrences and across denoising steps
+
+    The logit lens (nostalgebraist, 2020) reads an intermediate residual stream through the model's own final norm
+    and unembedding; the **tuned lens** (Belrose et al., 2023) first applies a learned affine translator per layer
+    (zero-initialised, so it starts as the logit lens), trained to match the model's final distribution. Both are
+    in `interp.lens`. This notebook turns them on two axes that are not layers:
+
+    1. **Recurrences** of a recurrent-depth model (`archs.recurrent`: prelude, a core iterated *r* times, coda),
+       trained on `reach` without a chain: does the answer appear in the core state as the iterations go on? Three
+       reads of the state after iteration *r*: the logit lens, the tuned lens (one translator shared by all
+       iterations), and the *coda lens* (the coda blocks too: the model's output had it stopped after *r*).
+    2. **Denoising steps** of a masked-diffusion model (MDLM, `archs.diffusion`) trained on Python source
+       (`pystdlib`): the second half of held-out windows is masked and a greedy confidence sampler reveals it over
+       *S* steps (`run_with_cache(..., steps=S)`). At every step and block: how soon does the lens agree with the
+       token the position finally gets?
+
+    Each model trains in about a minute on a CPU; the recurrent-depth run is shared with `cot_faithfulness.ipynb`.
+    `ALTBENCH_NOTEBOOK_QUICK=1` trains 4 steps of tiny models (numbers mean nothing).
+    """),
+    code(SETUP),
+    code("""
+    from flax import nnx
+
+    from archs import diffusion
+    from interp import capture, lens, targets
+
+    RECURRENT_RUN = None  # or a finished run directory of experiments/reasoning.py:reach-recurrent
+    MDLM_RUN = None       # or one of experiments/diffusion.py:mdlm
+
+    cfg, model, corpus, final = common.train_or_load(common.experiment_config("reasoning", "reach-recurrent-smoke"),
+                                                     "reach-recurrent", RECURRENT_RUN)
+    R = model.cfg.iters_at_test
+    print(f"{common.describe(cfg)}: {R} iterations at test; held-out exact {final.get('eval_exact', float('nan')):.3f}")
+    """),
+    md("""
+    ## Recurrent depth: the answer across iterations
+
+    `core.state` *(R, b, l, d)* is the state after each iteration *s_1 .. s_R*. We read it at the `#` position,
+    whose next token is the answer's first letter, and compare each read with the model's own output (the coda
+    after *R* iterations) by KL divergence, and by top-1 agreement with it and with the gold letter. The coda lens
+    at *r = R* is the model's output itself (the check below), and the tuned lens starts as the logit lens (its
+    fitting loss at step 0 is the logit lens's KL over all positions).
+    """),
+    code("""
+    lay = corpus.layout
+    examples = corpus.eval_examples()
+    rows = targets.batch(examples, lay, cfg.data.seq_len)["inputs"]
+    at = lay.prefix_len + 1  # the '#' after <eot>: it predicts the answer's first letter
+    assert (rows[:, at] == ord("#")).all()
+    gold = np.array([ord(ex.answer[0]) for ex in examples])
+
+    names = ("core.state",)
+    out, cache = capture.run_with_cache(model, rows, names=names, iters=R)
+    tuned, tuned_losses = lens.fit_tuned_lens(model, [rows], names, steps=common.pick(300, 20), iters=R)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def reads(state, s_RBLD):
+      m = nnx.merge(graphdef, state)
+      h = s_RBLD[:, :, at]
+      coda = jax.vmap(lambda s: lens.coda_lens(m, s)[:, at])(s_RBLD)
+      return {"logit lens": lens.logit_lens(m, h), "tuned lens": lens.tuned_lens(m, tuned, "core.state", h),
+              "coda lens": coda}
+
+    def kl(p_logits, q_logits):
+      logp, logq = jax.nn.log_softmax(p_logits, -1), jax.nn.log_softmax(q_logits, -1)
+      return np.asarray(jnp.sum(jnp.exp(logp) * (logp - logq), -1).mean(-1))
+
+    own = np.asarray(out[:, at])
+    recurrent_reads = {k: np.asarray(v) for k, v in reads(state, cache["core.state"]).items()}
+    coda_check = float(np.abs(recurrent_reads["coda lens"][-1] - own).max())
+    recurrent_table = {}
+    for name, logits_RBV in recurrent_reads.items():
+      top = logits_RBV.argmax(-1)
+      recurrent_table[name] = {"kl": kl(jnp.asarray(own)[None], jnp.asarray(logits_RBV)).tolist(),
+                               "agree": (top == own.argmax(-1)).mean(-1).tolist(), "gold": (top == gold).mean(-1).tolist()}
+      print(f"{name:10s} KL to the output per iteration: " + " ".join(f"{v:.3f}" for v in recurrent_table[name]["kl"]))
+    print(f"|coda lens at r = R - output| = {coda_check:.2e}; tuned-lens fit KL {float(tuned_losses[0]):.3f} -> "
+          f"{float(tuned_losses[-1]):.3f}")
+    """),
+    code("""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    r = np.arange(1, R + 1)
+    for name, row in recurrent_table.items():
+      axes[0].plot(r, row["kl"], "o-", label=name)
+      axes[1].plot(r, row["gold"], "o-", label=name)
+    axes[0].set(xlabel="iteration r", ylabel="KL(output || read) at '#'", title="recurrent depth: reads of s_r", xticks=r)
+    axes[1].set(xlabel="iteration r", ylabel="top-1 = gold first letter", ylim=(-0.05, 1.05), xticks=r)
+    for ax in axes:
+      ax.legend(fontsize=8)
+    plt.show()
+    """),
+    md("""
+    ## Masked diffusion: lenses across denoising steps
+
+    The sampler's state at step *s* is a canvas with some positions still `<mask>`; each step runs the denoiser
+    once and reveals the most confident masked positions. `steps.blocks.{i}.resid_post` *(S, b, l, d)* holds every
+    block's residual at every step. On the positions still masked at step *s* we read each block with the logit
+    lens (and a tuned lens fitted on single denoiser passes over randomly masked held-out windows), turn the logits
+    into the SUBS distribution the sampler uses (`diffusion.subs_log_probs`: no mass on `<mask>`), and measure
+
+    * **agree**: the read's top token equals the token that position ends up with,
+    * **KL** from the last block's distribution (the model's own at that step) to the read.
+
+    The check: at the step a position is revealed, the last block's top token *is* the revealed token (the logit
+    lens of the last block is the model's output), so `revealed_agree` must be 1.
+    """),
+    code("""
+    dcfg, dmodel, dcorpus, dfinal = common.train_or_load(common.experiment_config("diffusion", "mdlm-smoke"), "mdlm",
+                                                         MDLM_RUN)
+    print(f"{common.describe(dcfg)}: held-out bits per byte <= {dfinal.get('eval_bpb', float('nan')):.3f}")
+    B, L, S = common.pick(16, 4), dcfg.data.seq_len, common.pick(16, 4)
+    mask_id, n_blocks = dmodel.cfg.mask_id, len(dcfg.model.pattern)
+    clean = dcorpus.eval_batches(B, L)[0]["inputs"][:B]
+    canvas = clean.copy()
+    canvas[:, L // 2:] = mask_id  # keep the first half, denoise the second
+    tokens, dcache = capture.run_with_cache(dmodel, canvas, names=["steps.canvas", "steps.blocks.*.resid_post"], steps=S)
+    tokens, canvases = np.asarray(tokens), np.asarray(dcache["steps.canvas"])  # final tokens; (S, b, l) inputs per step
+
+    # the tuned lens: single denoiser passes (steps=0) over held-out windows masked at random rates
+    rng = np.random.default_rng(0)
+    noised = [np.where(rng.random(clean.shape) < rng.random((B, 1)), mask_id, clean) for _ in range(2)]
+    block_names = [f"blocks.{i}.resid_post" for i in range(n_blocks - 1)]
+    dtuned, dtuned_losses = lens.fit_tuned_lens(dmodel, noised, block_names, steps=common.pick(300, 20))
+    print(f"tuned-lens fit KL {float(dtuned_losses[0]):.3f} -> {float(dtuned_losses[-1]):.3f}")
+    """),
+    code("""
+    dgraphdef, dstate = nnx.split(dmodel)
+
+    @jax.jit
+    def step_reads(dstate, h_SBLD, canvases_SBL, own_SBLV, params):
+      m = nnx.merge(dgraphdef, dstate)
+      logits = lens.logit_lens(m, h_SBLD) if params is None else lens.tuned_lens(m, {"h": params}, "h", h_SBLD)
+      logp = diffusion.subs_log_probs(logits, canvases_SBL, mask_id)
+      kl = jnp.sum(jnp.exp(own_SBLV) * (own_SBLV - logp), -1)
+      return logp, jnp.argmax(logp, -1), kl
+
+    masked = canvases == mask_id  # (S, b, l): still to be revealed at step s
+    last = jnp.asarray(dcache[f"steps.blocks.{n_blocks - 1}.resid_post"])
+    own, own_top, _ = step_reads(dstate, last, canvases, jnp.zeros(canvases.shape + (dmodel.cfg.vocab_size,)), None)
+    revealed = masked & (np.concatenate([canvases[1:], tokens[None]]) != mask_id)  # revealed by step s
+    revealed_agree = float((np.asarray(own_top) == tokens[None])[revealed].mean())
+
+    def per_step(values_SBL):
+      return [float(values_SBL[s][masked[s]].mean()) if masked[s].any() else float("nan") for s in range(S)]
+
+    diffusion_table = {"masked_fraction": masked.mean((1, 2)).tolist(), "revealed_agree": revealed_agree}
+    for lens_name in ("logit lens", "tuned lens"):
+      rows_ = {}
+      for i in range(n_blocks):
+        params = dtuned.get(f"blocks.{i}.resid_post") if lens_name == "tuned lens" else None  # last block: None
+        _, top, kl_ = step_reads(dstate, jnp.asarray(dcache[f"steps.blocks.{i}.resid_post"]), canvases, own, params)
+        rows_[f"blocks.{i}"] = {"agree": per_step(np.asarray(top) == tokens[None]), "kl": per_step(np.asarray(kl_))}
+      diffusion_table[lens_name] = rows_
+    print(f"revealed positions where the last block's top token is the one written: {revealed_agree:.3f}")
+    for lens_name in ("logit lens", "tuned lens"):
+      for block, row in diffusion_table[lens_name].items():
+        print(f"{lens_name} {block}: agree per step " + " ".join(f"{v:.2f}" for v in row["agree"]))
+    """),
+    code("""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    for ax, lens_name in zip(axes, ("logit lens", "tuned lens")):
+      m = np.array([row["agree"] for row in diffusion_table[lens_name].values()])
+      im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+      ax.set(xlabel="denoising step", ylabel="block", title=f"{lens_name}: top-1 = final token (masked positions)",
+             yticks=range(n_blocks))
+      fig.colorbar(im, ax=ax)
+    plt.show()
+    """),
+    md("""
+    ## How to read this
+
+    * Recurrent depth: a KL that falls with *r* and a gold-letter rate that rises say the answer is built up across
+      iterations; a tuned lens far below the logit lens says the state holds the answer in a basis the unembedding
+      does not read directly (the coda translates it). Past the trained depth (`iters` > *R*) the same reads show
+      whether the iteration converges.
+    * Diffusion: early steps see mostly masks, so agreement starts low and rises as the canvas fills; rows are
+      blocks, so the heatmap shows at which depth a position's final token becomes readable, and whether that
+      depth moves as context accumulates. The last block agrees fully only at the step a position is revealed (the
+      sampler writes its top token then; later steps never change it).
+    """),
+    code("""
+    common.summary("lenses_across_steps", {
+        "recurrent": {"iters": R, "coda_check": coda_check, "tuned_loss": [float(tuned_losses[0]), float(tuned_losses[-1])],
+                      **recurrent_table},
+        "diffusion": {"steps": S, "blocks": n_blocks, "tuned_loss": [float(dtuned_losses[0]), float(dtuned_losses[-1])],
+                      **diffusion_table}})
+    """, tags=("summary",)),
+]
+
+NOTEBOOKS = {"coconut_thoughts": COCONUT_THOUGHTS, "cot_faithfulness": COT_FAITHFULNESS,
+             "lenses_across_steps": LENSES_ACROSS_STEPS}
 
 
 def build(name):
