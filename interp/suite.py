@@ -4,13 +4,17 @@ RUN/probe/*.json and PNG plots.
 
 Files (all under RUN/probe/):
   probes.json          {target: {layer: {step: probe result}}}: accuracy, control_accuracy, selectivity with
-                       its bootstrap interval, majority (chance), and the same probe on a randomly initialised
-                       model of the same config (random_accuracy, random_selectivity); step "all" pools steps
+                       its bootstrap interval, majority (chance), and the same probe on the randomly
+                       initialised model the run started from (train.seed: its step-0 weights;
+                       random_accuracy, random_selectivity); step "all" pools steps
   faithfulness.json    interp.faithfulness.run_tests' summary (early answering, adding mistakes, filler)
   monitorability.json  the score with the monitor used (target, layer) and its parts
+  lens.json            logit-lens trajectories per layer x step (lens_trajectories)
+  patching.json        activation-patching effects, both directions (reach on coconut / nocot layouts)
   summary.json         run, checkpoint step, family, task, mode, items, what was skipped and why
   probes_<target>.png  accuracy / selectivity / random-init accuracy heatmaps, layer x step
   faithfulness.png     early-answering and adding-mistakes curves
+  lens.png             lens trajectories;  patching_<direction>_<names>.png  patching heatmaps
 Layers: the token families' `embed` and `blocks.{i}.resid_post` (interp.capture names); recurrent depth's
 `embed`, the core state after each recurrence `core.state.{r}` (r = 1..R) and `final_norm`, all at the "#"
 position (see interp.targets), so its "layers" are the recurrences.
@@ -300,7 +304,7 @@ def run(run_dir, suite="cot", task=None, n=None, seed=0, progress=True):
   if task is not None and task != corpus.layout.task:
     raise ValueError(f"--task {task!r}: the run at {run_dir} was trained on {corpus.layout.task!r}")
   model = nnx.merge(graphdef, state["params"], state["rest"])
-  random_model = family.build(cfg.model, nnx.Rngs(cfg.train.seed + 1))
+  random_model = family.build(cfg.model, nnx.Rngs(cfg.train.seed))  # the run's own weights at step 0
   lay = corpus.layout
   examples = corpus.eval_examples()[:n]
   rows = targets.batch(examples, lay, cfg.data.seq_len)["inputs"]
