@@ -16,7 +16,7 @@ from archs import coconut, diffusion, recurrent
 from conftest import replace, tiny_config
 from train import arena, ledger, leaderboard, loop, metrics
 from train import reasoning_tasks as rt
-from train.config import Config, DataConfig, TrainConfig
+from train.config import Config, ConfigError, DataConfig, TrainConfig
 
 # ----------------------------------------------------------------------------- energy ledger
 
@@ -176,6 +176,10 @@ def test_killed_arena_resumes_without_retraining(resumed_run):
   assert r["killed_calls"] == ["tf", "reach-cot"] and not r["leaderboard_after_kill"]
   assert r["calls"] == ["reach-cot"]  # the finished entry is not trained again
   assert r["after"] == r["before"]  # its metrics and result files are untouched (bytes and mtime)
+  other = _tiny_arena()
+  other = dataclasses.replace(other, groups=(dataclasses.replace(other.groups[0], budget_flops=1e9), other.groups[1]))
+  with pytest.raises(ConfigError, match=r"holds results of \['tf'\] at another budget"):
+    arena.run(other, r["workdir"], log=lambda *_: None)
 
 
 def test_same_seed_same_leaderboard(first_run, resumed_run):

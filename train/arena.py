@@ -112,6 +112,11 @@ def run(arena, workdir, log=print):
       "groups": [dataclasses.asdict(g) for g in arena.groups],
       "entries": [{"name": e.name, "group": e.group, "family": e.family, "note": e.note} for e in arena.entries]})
   done = {e.name: _read_result(workdir, e) for e in arena.entries}
+  stale = [e.name for e in arena.entries if done[e.name] and (done[e.name]["group"], done[e.name]["budget_flops"]) !=
+           (e.group, groups[e.group].budget_flops)]
+  if stale:
+    raise config_lib.ConfigError(f"{workdir} holds results of {stale} at another budget or group; use another "
+                                 "--workdir or the same arena to resume")
   todo = [e for e in arena.entries if done[e.name] is None]
   for g in arena.groups:
     n = sum(e.group == g.name for e in arena.entries)

@@ -7,6 +7,7 @@ decode speed, runtime memory); everything else is a pure function of the arena s
 """
 
 import os
+import platform
 
 from train import loop, metrics
 
@@ -30,7 +31,8 @@ def write(arena, rows, workdir):
     groups.append({"name": g.name, "metric": g.metric, "budget_flops": g.budget_flops, "about": g.about,
                    "rows": ranked + missing})
   versions = loop.versions()
-  board = {"arena": arena.name, "device": f"{versions['device_kind']} x{versions['devices']} ({versions['backend']})",
+  host = f"{os.cpu_count()} CPU cores, {platform.machine()}"
+  board = {"arena": arena.name, "device": f"{versions['device_kind']} x{versions['devices']} ({versions['backend']}; {host})",
            "versions": versions, "groups": groups, "timing_fields": list(TIMING)}
   board["plots"] = plot(board, workdir)
   metrics.write_json_atomic(os.path.join(workdir, "leaderboard.json"), board)
@@ -58,7 +60,8 @@ def markdown(board):
            f"Device: {board['device']}; jax {board['versions']['jax']}, flax {board['versions']['flax']}. "
            "Energy is measured where the hardware reports it and estimated from a stated power otherwise "
            "(column `energy`). XLA/analytic: XLA's cost analysis of the compiled train step over the analytic "
-           "FLOPs. Parameters last."]
+           "FLOPs (XLA counts a loop body once, so recurrent depth's iterations are undercounted there). "
+           "Wall time includes compilation. Parameters last."]
   for g in board["groups"]:
     budget = f"{g['budget_flops']:.3g} training FLOPs per entry" if g["budget_flops"] else "not budgeted"
     lines += ["", f"## {g['name']}: {budget}", ""] + ([g["about"], ""] if g["about"] else [])
@@ -143,6 +146,7 @@ def plot(board, workdir):
     ax.set_xscale("log")
     ax.set_xlabel("forward FLOPs per answer (test-time compute)")
     ax.set_ylabel("answer accuracy (x: teacher-forced exact)")
+    ax.set_ylim(-0.03, 1.03)
     ax.grid(alpha=0.3)
     save(fig, "accuracy_vs_test_compute.png")
   return written
