@@ -44,16 +44,16 @@ def _backbone_names(prefix, pattern, bidirectional=False):
 # Per family: a tiny model, its inputs, the family's own forward (what `out` must equal), the documented
 # names, and the residual stream whose logit lens must give `out` (with the lens name for byte families).
 def _lm():
-  cfg = lm.Config(pattern="AMP", n_kv_heads=1, **TINY)
-  return lm.build(cfg, nnx.Rngs(0)), _tokens(), lambda m, x: m(x)[0], _backbone_names("", "AMP"), "blocks.2.resid_post"
+  cfg = lm.Config(pattern="PM", n_kv_heads=1, **TINY)
+  return lm.build(cfg, nnx.Rngs(0)), _tokens(), lambda m, x: m(x)[0], _backbone_names("", "PM"), "blocks.1.resid_post"
 
 
 def _diffusion():
-  cfg = diffusion.Config(pattern="AM", mask_id=MASK, eos_id=EOS, **TINY)
+  cfg = diffusion.Config(pattern="M", mask_id=MASK, eos_id=EOS, **TINY)
   x = _tokens()
   x[:, 2:5] = MASK
   ref = lambda m, z: m(z, segment_ids_BL=diffusion._segments(m.cfg, z))[0]
-  return diffusion.build(cfg, nnx.Rngs(0)), x, ref, _backbone_names("", "AM", bidirectional=True), "blocks.1.resid_post"
+  return diffusion.build(cfg, nnx.Rngs(0)), x, ref, _backbone_names("", "M", bidirectional=True), "blocks.0.resid_post"
 
 
 def _coconut():
@@ -79,7 +79,7 @@ def _megabyte():
 
 
 def _blt():
-  cfg = blt.Config(pattern="A", encoder_pattern="A", decoder_pattern="A", patcher="space", hash_buckets=16, **BYTES)
+  cfg = blt.Config(pattern="A", encoder_pattern="A", decoder_pattern="A", patcher="fixed", hash_buckets=16, **BYTES)
   names = {"patch_starts", "encoder.final_norm", "decoder.final_norm"} | _backbone_names("global.", "A")
   names |= _block_names("encoder.blocks.0", "A") | _block_names("decoder.blocks.0", "A")
   return blt.build(cfg, nnx.Rngs(0)), _tokens(), lambda m, x: m(x)[0], names, "decoder.blocks.0.resid_post"
@@ -127,9 +127,9 @@ def test_capture_names_values_and_lens_for_every_family(family):
 
 def test_diffusion_sampler_steps():
   model, x, *_ = _diffusion()
-  tokens, cache = capture.run_with_cache(model, x, names=["steps.canvas", "steps.blocks.1.ssm.state_rev"], steps=3)
+  tokens, cache = capture.run_with_cache(model, x, names=["steps.canvas", "steps.blocks.0.ssm.state_rev"], steps=3)
   canvas = np.asarray(cache["steps.canvas"])
-  assert canvas.shape == (3, B, L) and cache["steps.blocks.1.ssm.state_rev"].shape[:3] == (3, B, L)
+  assert canvas.shape == (3, B, L) and cache["steps.blocks.0.ssm.state_rev"].shape[:3] == (3, B, L)
   np.testing.assert_array_equal(canvas[0], x)
   masked = (canvas == MASK).sum(axis=(1, 2))
   assert masked[0] == 6 and masked[0] > masked[1] > masked[2] > 0 and not np.any(np.asarray(tokens) == MASK)
@@ -139,39 +139,41 @@ def test_diffusion_sampler_steps():
 def test_one_block_by_hand_and_self_patches():
   """Cached values equal norm -> mixer -> residual -> mlp recomputed for one block; patching the attention
   pattern or the SSM states with their own values (which recomputes the heads from pattern @ v and the scan
-  output from C h + D x) gives the same output, so the pattern and the states are the ones the model uses."""
+  output from C h + D x) changes nothing, so the pattern and the states are the ones the model uses."""
   model, x, out, cache = _full_run("lm")
   graphdef, state = nnx.split(model)
 
   @jax.jit
-  def by_hand(state, h):
+  def by_hand(state, h, last):
     m = nnx.merge(graphdef, state)
-    block, pos = m.backbone.blocks[2], jnp.broadcast_to(jnp.arange(L), (B, L))
+    block, pos = m.backbone.blocks[0], jnp.broadcast_to(jnp.arange(L), (B, L))
     mixer = block.mixer(block.mixer_norm(h), pos)[0]
     mid = h + mixer
     mlp = block.mlp(block.mlp_norm(mid))
     return {"mixer_out": mixer, "resid_mid": mid, "mlp_out": mlp, "resid_post": mid + mlp,
-            "final_norm": m.backbone.final_norm(mid + mlp)}
+            "final_norm": m.backbone.final_norm(last)}
 
-  for name, want in by_hand(state, cache["blocks.2.resid_pre"]).items():
-    np.testing.assert_allclose(cache[name if name == "final_norm" else f"blocks.2.{name}"], want, atol=1e-5,
+  h = cache["blocks.0.resid_pre"]
+  np.testing.assert_array_equal(h, cache["embed"])
+  for name, want in by_hand(state, h, cache["blocks.1.resid_post"]).items():
+    np.testing.assert_allclose(cache[name if name == "final_norm" else f"blocks.0.{name}"], want, atol=1e-5,
                                rtol=1e-5)
-  np.testing.assert_allclose(cache["blocks.2.attn.pattern"].sum(-1), 1.0, atol=1e-5)
+  np.testing.assert_allclose(cache["blocks.0.attn.out"] + cache["blocks.0.ssm.out"], cache["blocks.0.mixer_out"],
+                             atol=1e-6)
+  np.testing.assert_allclose(cache["blocks.0.attn.pattern"].sum(-1), 1.0, atol=1e-5)
   assert np.all(np.triu(np.asarray(cache["blocks.0.attn.pattern"]), 1) == 0)  # causal
-  own = {n: cache[n] for n in ("blocks.0.attn.pattern", "blocks.1.ssm.state", "blocks.2.ssm.state")}
-  np.testing.assert_allclose(capture.run_with_patches(model, x, own), out, atol=1e-5, rtol=1e-5)
 
-
-def test_ssm_state_patch_changes_only_later_positions():
-  model, x, _, base = _full_run("lm")
+  # Block 0's own pattern and states change nothing; noise in block 1's state at position t changes that
+  # block's output at t and after (the recurrence runs on from it), not before.
   t = 4
-  noise = jax.random.normal(jax.random.key(3), base["blocks.1.ssm.state"].shape)
-  _, got = capture.run_with_cache(model, x, names=["blocks.1.mixer_out", "blocks.1.ssm.state"],
-                                  patches={"blocks.1.ssm.state": capture.at(noise, t)})
-  diff = np.abs(np.asarray(got["blocks.1.mixer_out"] - base["blocks.1.mixer_out"])).max(axis=(0, 2))
-  # Positions before t keep their output (up to the rounding of C h + D x against the kernel's scan); t and
-  # every later position change: the recurrence runs on from the patched state.
-  assert np.all(diff[:t] < 1e-6) and np.all(diff[t:] > 1e-2), diff
+  noise = jax.random.normal(jax.random.key(3), cache["blocks.1.ssm.state"].shape)
+  patches = {"blocks.0.attn.pattern": cache["blocks.0.attn.pattern"], "blocks.0.ssm.state": cache["blocks.0.ssm.state"],
+             "blocks.1.ssm.state": capture.at(noise, t)}
+  names = ["blocks.0.mixer_out", "blocks.1.mixer_out", "blocks.1.ssm.state"]
+  _, got = capture.run_with_cache(model, x, names=names, patches=patches)
+  np.testing.assert_allclose(got["blocks.0.mixer_out"], cache["blocks.0.mixer_out"], atol=1e-5, rtol=1e-5)
+  diff = np.abs(np.asarray(got["blocks.1.mixer_out"] - cache["blocks.1.mixer_out"])).max(axis=(0, 2))
+  assert np.all(diff[:t] < 1e-5) and np.all(diff[t:] > 1e-2), diff
   np.testing.assert_array_equal(got["blocks.1.ssm.state"][:, t], noise[:, t])
 
 
@@ -193,18 +195,16 @@ def test_patching_all_clean_activations_restores_clean_and_own_changes_nothing(f
 
 
 def test_patching_sweep_effects_and_heatmap(tmp_path):
-  model, clean, clean_out, _ = _full_run("lm")
+  model = lm.build(lm.Config(pattern="AA", **TINY), nnx.Rngs(1))  # attention only: a cheap compile
+  clean = _tokens()
   corrupt = clean.copy()
   corrupt[:, 2] = (corrupt[:, 2] - 97 + 5) % 26 + 97
-  corrupt_out, _ = capture.run_with_cache(model, corrupt)
-  good = jnp.argmax(clean_out[:, -1], -1)  # the clean answer against the corrupted run's (other) favourite
-  bad = jnp.argmax(corrupt_out[:, -1] - 1e9 * jax.nn.one_hot(good, V), -1)
-  metric = lambda o: patching.logit_diff(o, L - 1, good, bad)
+  metric = lambda o: patching.logit_diff(o, L - 1, jnp.array([97, 98]), jnp.array([99, 100]))
   # Before any mixing only the changed position matters; the last stream at the read-out position is all.
-  want = {"blocks.0.resid_pre": np.eye(L)[2], "blocks.2.resid_post": np.eye(L)[-1]}
-  for direction, names in [("denoise", list(want)), ("noise", ["blocks.2.resid_post"])]:
+  want = {"blocks.0.resid_pre": np.eye(L)[2], "blocks.1.resid_post": np.eye(L)[-1]}
+  for direction, names in [("denoise", ["blocks.0.resid_pre"]), ("noise", ["blocks.1.resid_post"])]:
     effects, m_clean, m_corrupt = patching.sweep(model, clean, corrupt, metric, names, direction=direction)
-    assert m_clean > m_corrupt + 0.1
+    assert abs(m_clean - m_corrupt) > 1e-2
     for name in names:  # noising undoes at exactly the sites where denoising restores
       np.testing.assert_allclose(effects[name], want[name] if direction == "denoise" else 1 - want[name], atol=1e-4)
   path = patching.heatmap(effects, tmp_path / "patch.png", title="noise")
@@ -217,11 +217,11 @@ def test_tuned_lens_starts_as_logit_lens_and_training_lowers_kl():
   params = lens.init_tuned_lens(16, names)
   h = cache[names[0]]
   np.testing.assert_array_equal(lens.tuned_lens(model, params, names[0], h), lens.logit_lens(model, h))
-  batches = [_tokens(1), _tokens(2)]
-  params, losses = lens.fit_tuned_lens(model, batches, names, steps=30, lr=3e-2)
+  batches = [np.array(jax.random.randint(jax.random.key(i), (8, L), 97, 123), np.int32) for i in range(1, 5)]
+  params, losses = lens.fit_tuned_lens(model, batches, names, steps=30, lr=1e-2)
   before = lens.kl_to_final(out, lens.logit_lens(model, h))
   after = lens.kl_to_final(out, lens.tuned_lens(model, params, names[0], h))  # held-out inputs x
-  assert losses[-1] < 0.7 * losses[0] and after < 0.95 * before, (losses[0], losses[-1], before, after)
+  assert losses[-1] < 0.7 * losses[0] and after < 0.9 * before, (losses[0], losses[-1], before, after)
 
 
 def test_byte_lens_rejects_global_states():
@@ -236,7 +236,7 @@ def test_capture_off_train_step_is_the_same_program():
   family = archs.get_family("lm")
   tcfg = TrainConfig(steps=4, warmup_steps=1)
   tx = train_step.make_optimizer(tcfg)
-  graphdef, state = train_step.init_state(family, lm.Config(pattern="AMP", **TINY), tx, 0)
+  graphdef, state = train_step.init_state(family, lm.Config(pattern="PM", **TINY), tx, 0)
   x = _tokens()[None]
   ones = np.ones_like(x)
   batch = {"inputs": x, "targets": x, "segment_ids": ones, "loss_mask": ones, "nbytes": ones}
