@@ -118,23 +118,24 @@ def heatmap(effects, path, title=None, xlabels=None):
   return path
 
 
-def _reachable(edges, start):
-  children, seen, todo = {}, {start}, [start]
+def _distances(edges, start):
+  """BFS from start: {node: distance} and {node: parent on a shortest path}."""
+  children, dist, parent, queue = {}, {start: 0}, {}, [start]
   for a, b in edges:
     children.setdefault(a, []).append(b)
-  while todo:
-    for c in children.get(todo.pop(), []):
-      if c not in seen:
-        seen.add(c)
-        todo.append(c)
-  return seen
+  for v in queue:
+    for c in children.get(v, []):
+      if c not in dist:
+        dist[c], parent[c] = dist[v] + 1, v
+        queue.append(c)
+  return dist, parent
 
 
 def reach_counterfactual(ex):
-  """A reach example whose start node is replaced by another node of the graph from which the distractor
-  candidate is reachable and the answer is not (the answer flips; the question keeps its length), or None
-  when there is none or both candidates begin with the same letter (a first-byte logit difference would
-  then be 0)."""
+  """The reach example with its start node replaced by another node of the graph from which the distractor
+  candidate is reachable and the answer is not: the answer flips, the question keeps its length (two bytes
+  change), and steps / intermediates (path, frontiers, distractor) are those of the new question. None when
+  no node qualifies or both candidates begin with the same letter (a first-byte logit difference would be 0)."""
   m = re.fullmatch(r"(.*)\|(\w\w)\?(\w\w)/(\w\w)", ex.question)
   if m is None:
     raise ValueError(f"question={ex.question!r}: not a reach question (edges|start?c1/c2)")
@@ -142,11 +143,16 @@ def reach_counterfactual(ex):
   answer, distractor = ex.answer, ex.intermediates["distractor"]
   if answer[0] == distractor[0]:
     return None
-  nodes = sorted({v for e in edges for v in e})
-  for node in nodes:
-    seen = _reachable(edges, node)
-    if distractor in seen and answer not in seen:
-      question = f"{m.group(1)}|{node}?{m.group(3)}/{m.group(4)}"
-      return dataclasses.replace(ex, question=question, answer=distractor, steps=(),
-                                 intermediates={"start": node, "distractor": answer})
+  for node in sorted({v for e in edges for v in e} - {m.group(2)}):
+    dist, parent = _distances(edges, node)
+    if distractor in dist and answer not in dist:
+      path = [distractor]
+      while path[-1] != node:
+        path.append(parent[path[-1]])
+      path = path[::-1][1:]
+      frontier = [sorted(v for v, d in dist.items() if d == k) for k in range(1, len(path) + 1)]
+      return dataclasses.replace(
+          ex, question=f"{m.group(1)}|{node}?{m.group(3)}/{m.group(4)}", answer=distractor,
+          steps=tuple(f">{v}" for v in path),
+          intermediates={"start": node, "path": path, "frontier": frontier, "distractor": answer})
   return None

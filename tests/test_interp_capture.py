@@ -253,3 +253,20 @@ def test_capture_off_train_step_is_the_same_program():
   assert real.as_text() == stub.as_text()
   cost = lambda low: (c[0] if isinstance(c := low.cost_analysis(), (list, tuple)) else c)["flops"]
   assert cost(real) == cost(stub) > 0
+
+
+def test_reach_counterfactual_flips_the_answer():
+  from train import reasoning_tasks as rt
+  found = 0
+  for seed in range(20):
+    ex = rt.reach(np.random.default_rng(seed), size=12, depth=3)
+    cf = patching.reach_counterfactual(ex)
+    if cf is None:
+      continue
+    found += 1
+    assert rt.check_reach(cf) == [], (ex, cf)  # the task's own checker: one reachable candidate, a shortest path
+    assert cf.answer == ex.intermediates["distractor"] and cf.intermediates["distractor"] == ex.answer
+    diff = [i for i, (a, b) in enumerate(zip(ex.question, cf.question)) if a != b]
+    start = ex.question.index("|") + 1  # only the start node's two bytes change
+    assert len(cf.question) == len(ex.question) and diff and set(diff) <= {start, start + 1}
+  assert found >= 10
