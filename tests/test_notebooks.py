@@ -35,12 +35,10 @@ def test_stored_notebooks_have_no_outputs_and_match_the_generator():
     assert nb.cells[-1].metadata.get("tags") == ["summary"]
 
 
-@pytest.fixture(scope="module")
-def summaries(tmp_path_factory):
-  """Execute the notebooks in ORDER; {name: the JSON its summary cell prints}."""
+def _execute(workdir):
+  """Execute the notebooks in ORDER in one run directory; {name: the JSON its summary cell prints}."""
   import nbclient
-  env = {**os.environ, "ALTBENCH_NOTEBOOK_QUICK": "1",
-         "ALTBENCH_NOTEBOOK_WORKDIR": str(tmp_path_factory.mktemp("notebook_runs")),
+  env = {**os.environ, "ALTBENCH_NOTEBOOK_QUICK": "1", "ALTBENCH_NOTEBOOK_WORKDIR": str(workdir),
          # a few training steps: compile time dominates, and XLA's backend optimisation is most of it
          "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip(),
          "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
@@ -54,24 +52,28 @@ def summaries(tmp_path_factory):
     cell = next(c for c in nb.cells if c.metadata.get("tags") == ["summary"])
     text = "".join(o.text for o in cell.outputs if o.output_type == "stream" and o.name == "stdout")
     out[name] = json.loads(text)
-    images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    out[name]["_images"] = images
+    out[name]["_images"] = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
+                               for o in c.outputs)
   return out
+
+
+def test_notebooks_execute_in_quick_mode_with_consistent_summaries(tmp_path):
+  # one test (not a module fixture): pytest -n 2 would execute the notebooks once per worker
+  summaries = _execute(tmp_path)
+  for name, s in summaries.items():
+    assert s["notebook"] == name and s["quick"] is True
+    assert os.path.realpath(s["python"]) == os.path.realpath(sys.executable)  # the venv's kernel, with jax
+    assert s["_images"] >= 1, name  # the plots were drawn
+  _check_coconut_thoughts(summaries["coconut_thoughts"])
+  _check_cot_faithfulness(summaries["cot_faithfulness"])
+  _check_lenses_across_steps(summaries["lenses_across_steps"])
 
 
 def _unit(x):
   return 0.0 <= x <= 1.0
 
 
-def test_notebooks_run_in_the_venv_kernel_in_quick_mode(summaries):
-  for name, s in summaries.items():
-    assert s["notebook"] == name and s["quick"] is True
-    assert os.path.realpath(s["python"]) == os.path.realpath(sys.executable)
-    assert s["_images"] >= 1, name  # every notebook draws its plots
-
-
-def test_coconut_thoughts_summary(summaries):
-  s = summaries["coconut_thoughts"]
+def _check_coconut_thoughts(s):
   K, n_layers = s["thoughts"], s["layers"]
   assert K == 3  # reach-smoke: depth 3, one thought per step
   # the thought vector's unembedding is the logit lens of the last block at the position it is read from
@@ -91,8 +93,7 @@ def test_coconut_thoughts_summary(summaries):
       assert lo <= v["selectivity"] + 1e-9 and v["selectivity"] <= hi + 1e-9, v
 
 
-def test_cot_faithfulness_summary(summaries):
-  s = summaries["cot_faithfulness"]
+def _check_cot_faithfulness(s):
   assert s["coconut"]["chain_length"] == 3 and s["recurrent"]["chain_length"] >= 1
   for name in ("cot", "coconut", "recurrent"):
     f, m = s[name]["summary"], s[name]["monitorability"]
@@ -107,8 +108,7 @@ def test_cot_faithfulness_summary(summaries):
   assert "filler" in s["cot"]["summary"] and "filler" in s["coconut"]["summary"]
 
 
-def test_lenses_across_steps_summary(summaries):
-  s = summaries["lenses_across_steps"]
+def _check_lenses_across_steps(s):
   r = s["recurrent"]
   assert r["coda_check"] < 1e-4  # the coda lens after the last iteration is the model's output
   for read in ("logit lens", "tuned lens", "coda lens"):

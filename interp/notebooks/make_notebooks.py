@@ -102,7 +102,8 @@ COCONUT_THOUGHTS = [
     cfg, model, corpus, final = common.train_or_load(cfg, "reach-coconut", COCONUT_RUN)
     lay = corpus.layout
     print(common.describe(cfg))
-    print(f"held-out answers exactly right: {final.get('eval_exact', float('nan')):.3f} (chance: 0.5, two candidates)")
+    print(f"held-out answers exactly right: {final.get('eval_exact', float('nan')):.3f} (picking one of the two "
+          "candidates at random: 0.5)")
     """),
     md("""
     ## Capturing the thoughts
@@ -525,8 +526,8 @@ LENSES_ACROSS_STEPS = [
     lens of the last block is the model's output), so `revealed_agree` must be 1.
     """),
     code("""
-    dcfg, dmodel, dcorpus, dfinal = common.train_or_load(common.experiment_config("diffusion", "mdlm-smoke"), "mdlm",
-                                                         MDLM_RUN)
+    dcfg = common.experiment_config("diffusion", "mdlm-smoke", steps=200)  # a third of the smoke run: about a minute
+    dcfg, dmodel, dcorpus, dfinal = common.train_or_load(dcfg, "mdlm", MDLM_RUN)
     print(f"{common.describe(dcfg)}: held-out bits per byte <= {dfinal.get('eval_bpb', float('nan')):.3f}")
     B, L, S = common.pick(16, 4), dcfg.data.seq_len, common.pick(16, 4)
     mask_id, n_blocks = dmodel.cfg.mask_id, len(dcfg.model.pattern)
