@@ -17,10 +17,14 @@ names: None keeps every activation; otherwise a list of exact names or fnmatch g
   patch, if one replaced it).
 patches: {name: replacement}, names exact (no globs). A replacement is an array of the activation's shape
   (with the leading step axis for stepped names, see below), or a callable value -> new value of the same
-  shape (e.g. `at(clean_value, positions)` replaces some positions only). Inside stepped passes a callable
-  sees one step's value; `step()` gives the traced step index (0-based) to target steps. Unknown names and
-  wrong shapes raise ValueError. run_with_patches jits per distinct callable (identity); for sweeps, jit
-  or vmap `trace` yourself (interp/patching.py does).
+  shape. Inside stepped passes a callable sees one step's value; `step()` gives the traced step index
+  (0-based) to target steps. `at(source, positions, axis=1, steps=None)` builds the usual callable: copy
+  `source` (a captured value of that name, with its step axis for stepped names) into the value at those
+  positions (int or int array, may be traced; None: all) and, for stepped names, only at those steps, e.g.
+  patches={"blocks.3.resid_post": at(clean_cache["blocks.3.resid_post"], 7)}. Unknown names and wrong
+  shapes raise ValueError. run_with_patches jits per distinct callable (identity); for sweeps, jit or vmap
+  `trace` yourself (interp/patching.py does). A patched value flows on: later activations are computed
+  from it (the cache holds the patched value under its own name).
 
 Every name below is "<part prefix><block or point>"; shapes for inputs (b, l).
 
