@@ -33,7 +33,7 @@ def position_axis(name):
   """The position axis of one step's value of `name` (None: no position axis, patched whole)."""
   if name.endswith("attn.pattern"):
     return 2  # (b, h, query, key): a site is a query position
-  if name.endswith("thoughts.vector") or name == "thoughts.vector":
+  if name == "thoughts.vector":
     return None
   return 1
 
@@ -85,7 +85,8 @@ def sweep(model, clean, corrupt, metric, names, direction="denoise", chunk=32, *
       effects[name] = effect if stepped else effect[0]
     return effects, m_clean, m_corrupt
 
-  return jax.jit(run)(state, clean, corrupt)
+  effects, m_clean, m_corrupt = jax.jit(run)(state, clean, corrupt)
+  return {n: effects[n] for n in names}, m_clean, m_corrupt  # in the order asked (jit sorts dict keys)
 
 
 def heatmap(effects, path, title=None, xlabels=None):
@@ -109,7 +110,7 @@ def heatmap(effects, path, title=None, xlabels=None):
   if xlabels is not None:
     ax.set_xticks(range(len(xlabels)), xlabels, fontsize=7)
   ax.set_xlabel("position")
-  fig.colorbar(im, ax=ax, label="normalised effect (0 corrupted, 1 clean)")
+  fig.colorbar(im, ax=ax, label="effect (0 corrupt, 1 clean)")
   if title:
     ax.set_title(title)
   fig.tight_layout()
