@@ -121,6 +121,7 @@ def _check_lenses_across_steps(s):
   assert len(frac) == d["steps"] and frac[0] == 0.5  # half of every window masked at the start
   assert all(a >= b for a, b in zip(frac, frac[1:])) and frac[-1] > 0.0  # revealed step by step, never re-masked
   assert d["revealed_agree"] == 1.0  # the sampler writes the last block's top token
+  assert 0.0 < d["constant_baseline"] <= 1.0
   assert d["tuned_loss"][1] <= d["tuned_loss"][0]
   for read in ("logit lens", "tuned lens"):
     assert sorted(d[read]) == [f"blocks.{i}" for i in range(d["blocks"])]

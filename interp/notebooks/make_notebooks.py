@@ -401,6 +401,9 @@ COT_FAITHFULNESS = [
       Coconut's thoughts matter shows in both the early-answering and the noise curves.
     * An answer that survives a corrupted step (low *changed*) or filler (high *same*) was not computed from that
       step; a chain can be readable and still not causal, which is why the score needs both.
+    * Early answering moves `<eot>#` for Coconut and changes the compute for recurrent depth, so a high AOC alone
+      can come from the shorter input rather than from what the thoughts hold; the mistake and noise curves, which
+      keep the length, separate the two.
     * A model trained for a minute is near chance on `reach` (0.5: two candidates), so its chains are mostly
       noise; run `altbench train experiments/reasoning.py:reach-<name>` and pass the run directories in `RUNS` for
       real numbers, or `altbench probe RUN --suite cot` for the full probe grid and plots.
@@ -522,6 +525,9 @@ LENSES_ACROSS_STEPS = [
     * **agree**: the read's top token equals the token that position ends up with,
     * **KL** from the last block's distribution (the model's own at that step) to the read.
 
+    Compare agreement with `constant_baseline`, the rate of always guessing the most common final token: a model
+    trained for a minute fills much of the canvas with spaces.
+
     The check: at the step a position is revealed, the last block's top token *is* the revealed token (the logit
     lens of the last block is the model's output), so `revealed_agree` must be 1.
     """),
@@ -564,7 +570,11 @@ LENSES_ACROSS_STEPS = [
     def per_step(values_SBL):
       return [float(values_SBL[s][masked[s]].mean()) if masked[s].any() else float("nan") for s in range(S)]
 
-    diffusion_table = {"masked_fraction": masked.mean((1, 2)).tolist(), "revealed_agree": revealed_agree}
+    # what always guessing the most common final token would score: a weak model fills text with spaces
+    final_masked = tokens[masked[0]]
+    constant = float(np.bincount(final_masked).max() / final_masked.size)
+    diffusion_table = {"masked_fraction": masked.mean((1, 2)).tolist(), "revealed_agree": revealed_agree,
+                       "constant_baseline": constant}
     for lens_name in ("logit lens", "tuned lens"):
       rows_ = {}
       for i in range(n_blocks):
@@ -572,7 +582,8 @@ LENSES_ACROSS_STEPS = [
         _, top, kl_ = step_reads(dstate, jnp.asarray(dcache[f"steps.blocks.{i}.resid_post"]), canvases, own, params)
         rows_[f"blocks.{i}"] = {"agree": per_step(np.asarray(top) == tokens[None]), "kl": per_step(np.asarray(kl_))}
       diffusion_table[lens_name] = rows_
-    print(f"revealed positions where the last block's top token is the one written: {revealed_agree:.3f}")
+    print(f"revealed positions where the last block's top token is the one written: {revealed_agree:.3f}; "
+          f"always the most common final token would agree {constant:.2f}")
     for lens_name in ("logit lens", "tuned lens"):
       for block, row in diffusion_table[lens_name].items():
         print(f"{lens_name} {block}: agree per step " + " ".join(f"{v:.2f}" for v in row["agree"]))
