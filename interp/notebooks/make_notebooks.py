@@ -593,7 +593,7 @@ LENSES_ACROSS_STEPS = [
     for ax, lens_name in zip(axes, ("logit lens", "tuned lens")):
       m = np.array([row["agree"] for row in diffusion_table[lens_name].values()])
       im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-      ax.set(xlabel="denoising step", ylabel="block", title=f"{lens_name}: top-1 = final token (masked positions)",
+      ax.set(xlabel="denoising step", ylabel="block", title=f"{lens_name}: top-1 = final token",
              yticks=range(n_blocks))
       fig.colorbar(im, ax=ax)
     plt.show()
@@ -603,8 +603,8 @@ LENSES_ACROSS_STEPS = [
 
     * Recurrent depth: a KL that falls with *r* and a gold-letter rate that rises say the answer is built up across
       iterations; a tuned lens far below the logit lens says the state holds the answer in a basis the unembedding
-      does not read directly (the coda translates it). Past the trained depth (`iters` > *R*) the same reads show
-      whether the iteration converges.
+      does not read directly (the coda translates it). With `run_with_cache(..., iters=2 * R)` the same reads show
+      whether the iteration converges past the depth it was tested at.
     * Diffusion: early steps see mostly masks, so agreement starts low and rises as the canvas fills; rows are
       blocks, so the heatmap shows at which depth a position's final token becomes readable, and whether that
       depth moves as context accumulates. The last block agrees fully only at the step a position is revealed (the
