@@ -35,9 +35,10 @@ SIZES = {  # the text group's widths (every family at this width; Mamba-2 hybrid
 }
 REACH = {"smoke": dict(suffix="-smoke", baseline_steps=60), "cpu": dict(suffix="-smoke", baseline_steps=1000),
          "gpu": dict(suffix="", baseline_steps=4000)}
-DECODE = {"smoke": dict(decode_contexts=(64, 256), decode_steps=4, reasoning_examples=32),
-          "cpu": dict(decode_contexts=(128, 512, 2048), decode_steps=8, reasoning_examples=128),
-          "gpu": dict(decode_contexts=(1024, 4096, 16384), decode_steps=16, reasoning_examples=1024)}
+DECODE = {"smoke": dict(decode_contexts=(64, 256), decode_steps=4, reasoning_examples=32, recurrences=(1, 3)),
+          "cpu": dict(decode_contexts=(128, 512, 2048), decode_steps=8, reasoning_examples=128, recurrences=(1, 3, 6)),
+          "gpu": dict(decode_contexts=(1024, 4096, 16384), decode_steps=16, reasoning_examples=1024,
+                      recurrences=(1, 3, 5, 8, 12))}
 
 
 def _experiment(name):

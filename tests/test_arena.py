@@ -54,6 +54,12 @@ def _reach_config():
                 data=data, train=TrainConfig(steps=8, batch_size=4, lr=3e-3, warmup_steps=1, samples=0))
 
 
+def _recurrent_config():
+  model = recurrent.Config(pattern="AAA", d_model=32, n_heads=2, mean_iters=1.5, max_iters=3, backprop_iters=1,
+                           test_iters=2)
+  return dataclasses.replace(_reach_config(), family="recurrent", model=model)
+
+
 def _text_config():
   return replace(tiny_config(), model={"pattern": "A"})
 
@@ -66,10 +72,11 @@ def _tiny_arena():
   entries = (arena.Entry("tf", "text", "lm", lambda _: _text_config()),
              arena.Entry("ghost", "text", "no-such-family", lambda _: _text_config()),
              arena.Entry("broken", "text", "lm", _broken),
-             arena.Entry("reach-cot", "reach", "coconut", lambda _: _reach_config()))
+             arena.Entry("reach-rec", "reach", "recurrent", lambda _: _recurrent_config()))
   groups = (arena.Group("text", "bpb", arena.flops_per_step(_text_config()) * 20.4),
-            arena.Group("reach", "accuracy", arena.flops_per_step(_reach_config()) * 10))
-  return arena.Arena("tiny", groups, entries, evals=2, decode_tokens=4, decode_prompts=2, reasoning_examples=4)
+            arena.Group("reach", "accuracy", arena.flops_per_step(_recurrent_config()) * 12))
+  return arena.Arena("tiny", groups, entries, evals=2, decode_tokens=4, decode_prompts=2, reasoning_examples=4,
+                     recurrences=(1, 2))  # decode_contexts (the bench's decode timing) is left to the smoke run
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +111,7 @@ def test_every_entry_trains_to_the_budget(first_run):
   workdir, board = first_run
   for group in board["groups"]:
     done = [r for r in group["rows"] if r["status"] == "done"]
-    assert len(done) == 1
+    assert done
     for row in done:
       final = [l for l in metrics.read_jsonl(os.path.join(workdir, row["name"], "metrics.jsonl")) if l.get("final")]
       assert final[-1]["flops"] == row["flops"]
@@ -112,8 +119,10 @@ def test_every_entry_trains_to_the_budget(first_run):
       assert 0.8 < row["xla_vs_analytic"] < 1.6, row  # tiny widths: elementwise work is a larger share
       assert row["energy"] == ledger.energy_label(row["energy_source"])
       assert row["energy_kwh"] == pytest.approx(row["energy_j"] / 3.6e6) and row["step_memory_bytes"] > 0
-  reach = board["groups"][1]["rows"][0]
-  assert 0.0 <= reach["gen_acc"] <= 1.0 and reach["test_flops_per_answer"] > 0 and "eval_exact" in reach
+  rec = board["groups"][1]["rows"][0]
+  assert 0.0 <= rec["gen_acc"] <= 1.0 and rec["test_flops_per_answer"] > 0 and "eval_exact" in rec
+  (r1, flops1, _), (r2, flops2, acc2) = rec["recurrence_sweep"]
+  assert (r1, r2) == (1, 2) and flops1 < flops2 == rec["test_flops_per_answer"] and acc2 == rec["gen_acc"]
   for name in ("leaderboard.md", "leaderboard.json", "bpb_vs_flops.png", "bpb_vs_kwh.png",
                "accuracy_vs_test_compute.png"):
     assert os.path.exists(os.path.join(workdir, name)), name
@@ -173,8 +182,8 @@ def resumed_run(tmp_path_factory, compile_cache):
 
 def test_killed_arena_resumes_without_retraining(resumed_run):
   r = resumed_run
-  assert r["killed_calls"] == ["tf", "reach-cot"] and not r["leaderboard_after_kill"]
-  assert r["calls"] == ["reach-cot"]  # the finished entry is not trained again
+  assert r["killed_calls"] == ["tf", "reach-rec"] and not r["leaderboard_after_kill"]
+  assert r["calls"] == ["reach-rec"]  # the finished entry is not trained again
   assert r["after"] == r["before"]  # its metrics and result files are untouched (bytes and mtime)
   other = _tiny_arena()
   other = dataclasses.replace(other, groups=(dataclasses.replace(other.groups[0], budget_flops=1e9), other.groups[1]))

@@ -58,6 +58,7 @@ class Arena:
   decode_contexts: tuple = ()     # contexts for decode tokens/s vs context (lm entries); () skips
   decode_steps: int = 8
   reasoning_examples: int = 64    # eval examples decoded greedily for the answer accuracy
+  recurrences: tuple = ()         # recurrent depth: also the answer accuracy at these test-time r (a compute sweep)
   xla_check: bool = True          # compile the train step once more for XLA's FLOPs and memory
 
 
@@ -195,6 +196,9 @@ def train_entry(arena, entry, group, cfg, run_dir, log=print):
     row["gen_acc"] = rt.generated_accuracy(family, model, corpus, n)[0]
     row["gen_examples"] = n
     row["test_flops_per_answer"] = answer_flops(cfg, corpus, n)
+    if cfg.family == "recurrent" and arena.recurrences:
+      row["recurrence_sweep"] = [[r, answer_flops(cfg, corpus, n, iters=r),
+                                  rt.generated_accuracy(family, model, corpus, n, iters=r)[0]] for r in arena.recurrences]
   if arena.decode_contexts and cfg.family == "lm":
     row["decode_curve"] = decode_curve(cfg.model, arena.decode_contexts, arena.decode_steps)
   row["curve"] = [[line["flops"], line["eval_bpb"]] for line in metrics.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
@@ -212,14 +216,14 @@ def decode_speed(family, model, corpus, n_prompts, new_tokens):
   return prompts.shape[0] * new_tokens / (time.perf_counter() - t0)
 
 
-def answer_flops(cfg, corpus, n):
+def answer_flops(cfg, corpus, n, iters=None):
   """Analytic forward FLOPs to reach an answer (test-time compute): forward FLOPs per position (the core
   iterated r = iters_at_test times for recurrent depth) times the positions of an example at the final stage:
   question, CoT steps (CoT), continuous thoughts (Coconut, one position each) and the answer."""
   from train import reasoning_tasks as rt
   family, model = archs.get_family(cfg.family), cfg.model
   if cfg.family == "recurrent":
-    r = model.iters_at_test
+    r = iters or model.iters_at_test
     model = dataclasses.replace(model, backprop_iters=r, max_iters=r)  # r passes with gradients, none free
   elif hasattr(model, "thoughts"):
     model = dataclasses.replace(model, thoughts=0, prefix_len=0)  # thoughts are counted as positions below

@@ -143,10 +143,16 @@ def plot(board, workdir):
       ax.scatter([x], [r.get("gen_acc", 0.0)], label=f"{r['name']} greedy")
       ax.scatter([x], [r.get("eval_exact", 0.0)], marker="x", color="gray")
       ax.annotate(r["name"], (x, r.get("gen_acc", 0.0)), fontsize=7)
+      if r.get("recurrence_sweep"):  # the same model at several test-time recurrences
+        sweep = r["recurrence_sweep"]
+        ax.plot([p[1] for p in sweep], [p[2] for p in sweep], marker=".", linestyle=":", label=f"{r['name']} r sweep")
+        for it, flops, acc in sweep:
+          ax.annotate(f"r={it}", (flops, acc), fontsize=6)
     ax.set_xscale("log")
     ax.set_xlabel("forward FLOPs per answer (test-time compute)")
     ax.set_ylabel("answer accuracy (x: teacher-forced exact)")
     ax.set_ylim(-0.03, 1.03)
+    ax.legend(fontsize=6)
     ax.grid(alpha=0.3)
     save(fig, "accuracy_vs_test_compute.png")
   return written
