@@ -250,10 +250,9 @@ COCONUT_THOUGHTS = [
 
     * The lens comparison is a *preference*, not a decoding: a thought that holds the frontier in superposition
       should give its nodes' letters more mass than the unreachable side's (frontier above unreachable, wins above
-      0.5), most clearly in the last block (the thought itself, what the next pass reads). Beware a prior: the
-      unreachable side sends the graph's extra edges into the reachable side, so its nodes are mentioned more
-      often in the question, and a model that copies letters from its context without searching prefers them
-      (wins below 0.5, as a model trained for a minute shows).
+      0.5), most clearly in the last block (the thought itself, what the next pass reads). Letter priors the model
+      learned from the questions move both sets; differences of a few thousandths are not a search (a model
+      trained for a minute here gives wins below 0.5).
     * A probe is evidence only with its baselines: selectivity above 0 with its interval clear of 0, and accuracy
       above both the majority rate and the random-init model's. `embed` at thought *k*'s slot is the thought vector
       itself (the thought is the input there).
