@@ -13,7 +13,7 @@ import pytest
 
 import archs
 from archs import coconut, diffusion, recurrent
-from conftest import replace, tiny_config
+from conftest import ROOT, replace, tiny_config
 from train import arena, ledger, leaderboard, loop, metrics
 from train import reasoning_tasks as rt
 from train.config import Config, ConfigError, DataConfig, TrainConfig
@@ -196,6 +196,14 @@ def test_same_seed_same_leaderboard(first_run, resumed_run):
   assert leaderboard.without_timing(resumed_run["board"]) == leaderboard.without_timing(first_run[1])
   saved = json.load(open(os.path.join(first_run[0], "leaderboard.json")))
   assert leaderboard.without_timing(saved) == json.loads(json.dumps(leaderboard.without_timing(first_run[1])))
+
+
+def test_cli_refuses_a_bad_arena(tmp_path, capsys):
+  from train import cli
+  assert cli.main(["arena", os.path.join(ROOT, "experiments", "arena.py") + ":tiny"]) == 2
+  assert "variant 'tiny' is unknown; valid: ['', 'cpu', 'gpu', 'smoke']" in capsys.readouterr().err
+  assert cli.main(["arena", str(tmp_path / "none.py")]) == 2
+  assert "does not exist" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- analytic FLOPs vs XLA
