@@ -28,12 +28,12 @@ VARIANTS = ("", "smoke", "cpu", "gpu")
 SIZES = {  # the text group's widths (every family at this width; Mamba-2 hybrids matched in parameters)
     "smoke": dict(d=64, heads=2, layers=2, local=32, local_heads=2, seq_len=128, batch=8, baseline_steps=60,
                   eval_bytes=8192, ssm=dict(d_state=16, ssm_headdim=16, chunk_size=32), lr=3e-3),
-    "cpu": dict(d=128, heads=4, layers=3, local=64, local_heads=2, seq_len=128, batch=16, baseline_steps=400,
+    "cpu": dict(d=128, heads=4, layers=3, local=64, local_heads=2, seq_len=128, batch=16, baseline_steps=300,
                 eval_bytes=32768, ssm=dict(d_state=32, ssm_headdim=32, chunk_size=32), lr=2e-3),
     "gpu": dict(d=768, heads=12, layers=12, local=384, local_heads=6, seq_len=1024, batch=32, baseline_steps=4000,
                 eval_bytes=1 << 20, ssm=dict(d_state=64, ssm_headdim=64, chunk_size=64), lr=1e-3),
 }
-REACH = {"smoke": dict(suffix="-smoke", baseline_steps=60), "cpu": dict(suffix="-smoke", baseline_steps=1000),
+REACH = {"smoke": dict(suffix="-smoke", baseline_steps=60), "cpu": dict(suffix="-smoke", baseline_steps=800),
          "gpu": dict(suffix="", baseline_steps=4000)}
 DECODE = {"smoke": dict(decode_contexts=(64, 256), decode_steps=4, reasoning_examples=32, recurrences=(1, 3)),
           "cpu": dict(decode_contexts=(128, 512, 2048), decode_steps=8, reasoning_examples=128, recurrences=(1, 3, 6)),
