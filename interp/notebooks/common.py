@@ -56,12 +56,17 @@ def experiment_config(experiment, variant, steps=None):
 
 
 def train_or_load(cfg, name, run=None, log=print):
-  """(cfg, model, corpus, final metrics) of the run directory `run` if given, else of cfg trained in
-  WORKDIR/name (resumed if interrupted, loaded if already finished)."""
+  """(cfg, model, corpus, final metrics) of the run directory `run` if given (it must be of cfg's family, and
+  of its task and mode for reasoning tasks), else of cfg trained in WORKDIR/name (resumed if interrupted, loaded
+  if already finished)."""
   if run is None:
     run = run_dir(name)
     loop.train(cfg, run, log=log)
+  want = cfg
   cfg, _, corpus, graphdef, state, _, step = loop.load_run(run)
+  kind = lambda c: (c.family,) + ((c.data.dataset, c.data.task_mode) if want.data.dataset in rt.TASKS else ())
+  if kind(cfg) != kind(want):
+    raise ValueError(f"run {run!r} is a {kind(cfg)} run; this notebook reads {kind(want)} (family, task, mode)")
   lines = [m for m in metrics.read_jsonl(os.path.join(run, "metrics.jsonl")) if m.get("final")]
   final = {"step": step, **{k: v for k, v in (lines[-1] if lines else {}).items() if k.startswith("eval_")}}
   return cfg, nnx.merge(graphdef, state["params"], state["rest"]), corpus, final
@@ -71,7 +76,7 @@ def describe(cfg):
   """One line: family, blocks, width, steps."""
   m = cfg.model
   return (f"{cfg.family} {m.pattern} d_model={m.d_model}, {cfg.train.steps} steps of {cfg.train.batch_size} on "
-          f"{cfg.data.dataset} ({cfg.data.task_mode if cfg.data.dataset in ('reach', 'mult', 'vartrack') else 'text'})")
+          f"{cfg.data.dataset} ({cfg.data.task_mode if cfg.data.dataset in rt.TASKS else 'text'})")
 
 
 def summary(name, values):
