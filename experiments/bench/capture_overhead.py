@@ -66,7 +66,8 @@ def measure(name, repeats, b=4, l=64):
     state, out = compiled(state, data, jax.random.key(i))
     jax.block_until_ready(out)
     times.append(time.perf_counter() - t)
-  return {"family": name, "flops": float(cost["flops"]), "hlo_sha": hashlib.sha256(lowered.as_text().encode()).hexdigest()[:16],
+  sha = hashlib.sha256(lowered.as_text().encode()).hexdigest()[:16]
+  return {"family": name, "flops": float(cost["flops"]), "hlo_sha": sha,
           "step_ms": round(1000 * float(np.median(times[1:])), 3), "loss": float(out["loss"])}
 
 
