@@ -16,8 +16,8 @@ from archs.layers import MLP, Attention, RMSNorm
 
 BLOCK_TYPES = {"A": "attention", "M": "Mamba-2", "P": "attention and Mamba-2 in parallel (Falcon-H1)"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ATTN_IMPLS = ("auto", "reference", "xla")
-SSM_IMPLS = ("auto", "reference", "xla")
+ATTN_IMPLS = ("auto", "reference", "xla", "pallas")  # kernels.attention impls
+SSM_IMPLS = ("auto", "reference", "xla", "pallas")  # kernels.ssd impls
 MULTIPLIERS = ("attn_in_multiplier", "attn_out_multiplier", "ssm_in_multiplier", "ssm_out_multiplier",
                "embed_multiplier", "logits_multiplier", "attn_key_multiplier", "mlp_gate_multiplier",
                "mlp_down_multiplier", "ssm_z_multiplier", "ssm_x_multiplier", "ssm_b_multiplier", "ssm_c_multiplier",

@@ -4,7 +4,7 @@
 #   bash experiments/bench/gpu_check.sh            # from anywhere; results in $OUT or experiments/results/
 #
 # Environment: OUT (results folder), PYTHON (default python3), SKIP_INSTALL=1, TEST_TIMEOUT,
-# SSD_TIMEOUT, ATTN_TIMEOUT, TUNE_TIMEOUT, HYBRID_TIMEOUT (seconds), SSD_LENGTHS, SSD_CHUNKS, ATTN_LENGTHS (comma lists).
+# SSD_TIMEOUT, ATTN_TIMEOUT, TUNE_TIMEOUT, HYBRID_TIMEOUT (seconds), TUNE_ARGS (e.g. --quick), SSD_LENGTHS, SSD_CHUNKS, ATTN_LENGTHS (comma lists).
 #
 # Stages (each under its own timeout, so one that hangs or runs long cannot eat the others' time;
 # the benchmarks print one JSON line per case, flushed, so a timed-out stage still leaves its
@@ -80,7 +80,7 @@ fi
 
 if want 5; then
 log "stage 5: kernel block tuning (timeout ${TUNE_TIMEOUT}s) -> tuned_blocks.json"
-timeout "$TUNE_TIMEOUT" "$PY" experiments/bench/kernels.py --tune --table "$OUT_DIR/tuned_blocks.json" --reps 5 \
+timeout "$TUNE_TIMEOUT" "$PY" experiments/bench/kernels.py --tune --table "$OUT_DIR/tuned_blocks.json" --reps 5 ${TUNE_ARGS:-} \
   > "$OUT_DIR/bench_kernels.jsonl" 2> "$OUT_DIR/bench_kernels.err"
 log "kernel tuning exit status $? ($(wc -l < "$OUT_DIR/bench_kernels.jsonl") lines)"
 fi

@@ -155,9 +155,9 @@ def main(argv=None):
     print(json.dumps({"bench": "kernels", "op": op, "shape_class": shape_class, "device_kind": kind,
                       "chosen": candidates[i], "ms": round(medians[i], 3),
                       "speedup_vs_default": None if speedup is None else round(speedup, 3)}), flush=True)
-  if args.tune and chosen:
-    tuning.write_entries(chosen, table)
-    print(json.dumps({"bench": "kernels", "wrote": table, "entries": sorted(chosen)}), flush=True)
+    if args.tune:  # after every op, so a run cut short keeps what it finished
+      tuning.write_entries({tuning.key(op, kind, shape_class): candidates[i]}, table)
+      print(json.dumps({"bench": "kernels", "wrote": table, "entry": tuning.key(op, kind, shape_class)}), flush=True)
   return chosen
 
 
