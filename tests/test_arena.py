@@ -140,11 +140,16 @@ def test_missing_families_are_listed_as_missing(first_run):
 
 
 def test_diverged_entry_is_listed_as_failed(tmp_path, monkeypatch):
+  seen = []
+
   def diverge(cfg, run_dir, log=print):
+    seen.append(cfg.train.power_w)
     raise loop.NonFiniteLoss("step 3: loss is nan")
   monkeypatch.setattr(loop, "train", diverge)
-  spec = arena.Arena("f", (arena.Group("text", "bpb", 1e6),), (arena.Entry("tf", "text", "lm", lambda _: _text_config()),))
+  spec = arena.Arena("f", (arena.Group("text", "bpb", 1e6),), (arena.Entry("tf", "text", "lm", lambda _: _text_config()),),
+                     power_w=12.5)
   board = arena.run(spec, str(tmp_path), log=lambda *_: None)
+  assert seen == [12.5]  # the stated power reaches every entry's energy estimate
   row = board["groups"][0]["rows"][0]
   assert row["status"] == "failed" and "loss is nan" in row["reason"]
   assert "| tf | lm | **failed**: step 3: loss is nan" in open(tmp_path / "leaderboard.md").read()

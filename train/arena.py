@@ -60,6 +60,7 @@ class Arena:
   reasoning_examples: int = 64    # eval examples decoded greedily for the answer accuracy
   recurrences: tuple = ()         # recurrent depth: also the answer accuracy at these test-time r (a compute sweep)
   xla_check: bool = True          # compile the train step once more for XLA's FLOPs and memory
+  power_w: float = 0.0            # stated device power for estimated energy (0: the loop's per-backend default)
 
 
 def flops_per_step(cfg):
@@ -135,6 +136,8 @@ def run(arena, workdir, log=print):
     if reason is None:
       try:
         cfg = fit_budget(entry.build(workdir), group.budget_flops, arena.evals)
+        if arena.power_w:
+          cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, power_w=arena.power_w))
         if cfg.family != entry.family:
           raise config_lib.ConfigError(f"entry {entry.name}: builds family {cfg.family!r}, declared {entry.family!r}")
         config_lib.validate(cfg)

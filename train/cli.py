@@ -42,6 +42,9 @@ def cmd_train(args):
 def cmd_arena(args):
   from train import arena, loop
   spec = arena.load(args.arena)
+  if args.power_w:
+    import dataclasses
+    spec = dataclasses.replace(spec, power_w=args.power_w)
   workdir = args.workdir or os.path.join("runs", spec.name)
   _setup_jax(args)
   import jax
@@ -121,6 +124,7 @@ def main(argv=None):
   p = sub.add_parser("arena", help="train every entry of an arena to equal FLOPs; leaderboard, ledger and plots")
   p.add_argument("arena", help="experiments/arena.py[:variant] (smoke | cpu | gpu)")
   p.add_argument("--workdir", help="arena directory, one run directory per entry (default runs/arena-<variant>)")
+  p.add_argument("--power-w", type=float, default=0.0, help="stated device power (W) where energy is estimated")
   p.set_defaults(func=cmd_arena)
 
   p = sub.add_parser("eval", help="held-out loss and bits per byte of a run's latest checkpoint")
