@@ -35,6 +35,17 @@ def test_stored_notebooks_have_no_outputs_and_match_the_generator():
     assert nb.cells[-1].metadata.get("tags") == ["summary"]
 
 
+def test_a_run_of_another_kind_is_refused_before_loading(tmp_path):
+  from interp.notebooks import common
+  from train import config
+  cot = common.experiment_config("reasoning", "reach-cot-smoke")
+  (tmp_path / "config.json").write_text(json.dumps({"config": config.to_dict(cot)}))
+  with pytest.raises(ValueError, match=r"\('coconut', 'reach', 'cot'\) run; this notebook reads \('coconut', 'reach', 'coconut'\)"):
+    common.train_or_load(common.experiment_config("reasoning", "reach-coconut-smoke"), "x", str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="no config.json"):
+    common.train_or_load(cot, "x", str(tmp_path / "missing"))
+
+
 def _execute(workdir):
   """Execute the notebooks in ORDER in one run directory; {name: the JSON its summary cell prints}."""
   import nbclient

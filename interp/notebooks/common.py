@@ -62,11 +62,15 @@ def train_or_load(cfg, name, run=None, log=print):
   if run is None:
     run = run_dir(name)
     loop.train(cfg, run, log=log)
-  want = cfg
+  path = os.path.join(run, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{run!r} is not a run directory (no config.json)")
+  with open(path) as f:
+    saved = config.from_dict(json.load(f)["config"])
+  kind = lambda c: (c.family,) + ((c.data.dataset, c.data.task_mode) if cfg.data.dataset in rt.TASKS else ())
+  if kind(saved) != kind(cfg):  # checked before restoring anything
+    raise ValueError(f"run {run!r} is a {kind(saved)} run; this notebook reads {kind(cfg)} (family, task, mode)")
   cfg, _, corpus, graphdef, state, _, step = loop.load_run(run)
-  kind = lambda c: (c.family,) + ((c.data.dataset, c.data.task_mode) if want.data.dataset in rt.TASKS else ())
-  if kind(cfg) != kind(want):
-    raise ValueError(f"run {run!r} is a {kind(cfg)} run; this notebook reads {kind(want)} (family, task, mode)")
   lines = [m for m in metrics.read_jsonl(os.path.join(run, "metrics.jsonl")) if m.get("final")]
   final = {"step": step, **{k: v for k, v in (lines[-1] if lines else {}).items() if k.startswith("eval_")}}
   return cfg, nnx.merge(graphdef, state["params"], state["rest"]), corpus, final
