@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +36,6 @@ def test_integrate_power_matches_closed_forms():
 def test_power_trace_and_labels(tmp_path):
   with ledger.PowerTrace(read=lambda: 50.0, interval_s=0.01) as trace:
     jnp.ones(8).block_until_ready()
-    import time
     time.sleep(0.05)
   assert len(trace.t_s) >= 3 and trace.joules() == pytest.approx(50.0 * (trace.t_s[-1] - trace.t_s[0]))
   meter = metrics.EnergyMeter(power_w=40.0, rapl_root=str(tmp_path))  # no RAPL zones: an estimate

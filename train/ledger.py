@@ -5,6 +5,7 @@ The loop's EnergyMeter integrates energy counters (NVML total energy, RAPL) or a
 only reports instantaneous power, `PowerTrace` samples it and `integrate_power` turns the trace into joules.
 """
 
+import json
 import os
 import threading
 import time
@@ -135,7 +136,6 @@ def run_ledger(workdir, cfg, xla=None):
   stats_path = os.path.join(workdir, "data", "stats.json")
   bpt = 1.0
   if os.path.exists(stats_path):
-    import json
     bpt = json.load(open(stats_path)).get("train_bytes_per_token", 1.0)
   out["train_bytes"] = int(round(last["tokens"] * bpt))
   if xla:
