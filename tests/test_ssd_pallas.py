@@ -147,8 +147,10 @@ def test_auto_dispatch_policy(monkeypatch):
   pick = lambda x=shape_x, b=shape_b, dtype=jnp.bfloat16: ssd_module._auto_impl(x, b, dtype)
   if jax.default_backend() == "cpu":
     assert pick() == "xla"                                     # CPU default stays xla
-  monkeypatch.setattr(sp, "backend_target", lambda backend=None: "gpu")
   monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+  monkeypatch.setattr(sp, "backend_target", lambda backend=None: "gpu")
+  assert pick() == "xla"                                       # GPU: opt-in only (measured, see kernels/ssd.py)
+  monkeypatch.setattr(sp, "backend_target", lambda backend=None: "tpu")
   assert pick() == "pallas"
   assert pick(x=(1, 1, 4, 64), b=(1, 1, 1, 128)) == "xla"      # decode-like: one position
   assert pick(x=(1, 256, 4, 512)) == "xla"                     # headdim > 256: unsupported
