@@ -132,17 +132,6 @@ def _monitor(task, recurrent_depth, tgts, grid, pooled, per_item):
                           "(faithfulness.implied_answer), else it differs from the full-chain answer"}
 
 
-def _reachable(question, start):
-  edges = [e.split(">") for e in question.split("|")[0].split(",")]
-  seen, todo = {start}, [start]
-  while todo:
-    v = todo.pop()
-    for a, b in edges:
-      if a == v and b not in seen:
-        seen.add(b)
-        todo.append(b)
-  return seen
-
 
 def lens_trajectories(model, family_name, acts, items, examples, pos_index):
   """Logit lens at every layer and step position of `items` (a Target): the mean lens probability of the
@@ -175,7 +164,7 @@ def lens_trajectories(model, family_name, acts, items, examples, pos_index):
         ex = examples[e]
         f_letters = {ord(v[0]) for v in ex.intermediates["frontier"][k]}
         nodes = {ex.question[j:j + 2] for j in range(0, len(ex.question) - 1) if ex.question[j:j + 2].isalpha()}
-        u_letters = {ord(v[0]) for v in nodes - _reachable(ex.question, ex.intermediates["start"])} - f_letters
+        u_letters = {ord(v[0]) for v in nodes - targets.reachable(ex.question)[0]} - f_letters
         front[i] = p[i, sorted(f_letters)].mean()
         unreach[i] = p[i, sorted(u_letters)].mean() if u_letters else np.nan
       for key, v in (("frontier", front), ("unreachable", unreach), ("frontier_beats_unreachable", front > unreach)):

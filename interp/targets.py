@@ -124,3 +124,17 @@ def targets(examples, lay, at="end"):
 def batch(examples, lay, seq_len):
   """The model-input rows of the examples (encode_rows at the final Coconut stage)."""
   return rt.encode_rows(examples, lay, seq_len, lay.max_stage)
+
+
+def reachable(question):
+  """(nodes reachable from the start, all nodes) of a reach question "ab>cd,...|start?c1/c2"."""
+  edges = [e.split(">") for e in question.split("|")[0].split(",")]
+  start = question.split("|")[1].split("?")[0]
+  seen, todo = {start}, [start]
+  while todo:
+    v = todo.pop()
+    for a, b in edges:
+      if a == v and b not in seen:
+        seen.add(b)
+        todo.append(b)
+  return seen, {x for e in edges for x in e}

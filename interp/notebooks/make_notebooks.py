@@ -36,22 +36,6 @@ from interp.notebooks import common
 print(f"quick mode: {common.QUICK}; runs in {common.WORKDIR}; jax {jax.__version__} on {jax.default_backend()}")
 """
 
-REACHABLE = """
-def reachable(question):
-  \"\"\"(nodes reachable from the start, all nodes) of a reach question "ab>cd,...|start?c1/c2".\"\"\"
-  edges = [e.split(">") for e in question.split("|")[0].split(",")]
-  start = question.split("|")[1].split("?")[0]
-  seen, todo = {start}, [start]
-  while todo:
-    v = todo.pop()
-    for a, b in edges:
-      if a == v and b not in seen:
-        seen.add(b)
-        todo.append(b)
-  return seen, {x for e in edges for x in e}
-"""
-
-
 def md(text):
   return nbformat.v4.new_markdown_cell(textwrap.dedent(text).strip())
 
@@ -147,7 +131,6 @@ COCONUT_THOUGHTS = [
     letter probability of the two sets; **wins** is the fraction of questions where the frontier gets more
     (0.5: no preference). Thought *k* exists for questions whose path has at least *k + 1* steps.
     """),
-    code(REACHABLE),
     code("""
     probs_LKBV = np.asarray(jax.nn.softmax(jnp.asarray(lens_LKBV), -1))
     letters = probs_LKBV[..., ord("a"):ord("z") + 1]
@@ -159,7 +142,7 @@ COCONUT_THOUGHTS = [
         for e, ex in enumerate(examples):
           if k >= len(ex.intermediates["frontier"]):
             continue
-          seen, nodes = reachable(ex.question)
+          seen, nodes = targets.reachable(ex.question)
           f = {v[0] for v in ex.intermediates["frontier"][k]}
           u = {v[0] for v in nodes - seen}
           f, u = sorted(f - u), sorted(u - f)
