@@ -3,9 +3,15 @@
 import dataclasses
 import os
 
-import pytest
+# Before anything imports jax. The tests are compile-bound: at their tiny sizes LLVM's backend optimisations
+# cost more compile time than they save at run time (the suite on 2 cores: 8 min 54 s -> 6 min 57 s, and it
+# passes either way). Subprocesses the tests start inherit the flag.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
-from archs import lm
+import pytest  # noqa: E402
+
+from archs import lm  # noqa: E402
 from train.config import Config, DataConfig, TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
