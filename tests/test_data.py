@@ -61,9 +61,11 @@ def test_eval_text_is_the_same_bytes_for_every_tokenizer():
 
 
 def test_bpe_tokenizer_counts_bytes_exactly(tmp_path):
-  texts = [open(SHAKESPEARE).read()[:200_000]] if __import__("os").path.exists(SHAKESPEARE) else ["abc déf " * 5000]
-  tok = data.BPETokenizer.train(texts, 400)
   sample = "To be, or not to be: that is the question — café ünïcode"
+  # Without the shared data, a corpus that shares words with the sample, so that merges apply to it.
+  fallback = ["To be or not to be, the question of the café; ünïcode, déf " * 2000]
+  texts = [open(SHAKESPEARE).read()[:200_000]] if __import__("os").path.exists(SHAKESPEARE) else fallback
+  tok = data.BPETokenizer.train(texts, 400)
   ids = tok.encode(sample)
   assert tok.decode(ids) == sample
   assert int(tok.token_nbytes[ids].sum()) == len(sample.encode())
