@@ -65,6 +65,8 @@ import jax
 import jax.numpy as jnp
 from einops import einsum, rearrange
 
+from kernels import tuning
+
 IMPLS = ("auto", "reference", "xla", "pallas")
 # impl="auto" leaves short calls (decode-like) to XLA: a Pallas launch would mostly pad one chunk.
 AUTO_PALLAS_MIN_LEN = 16
@@ -260,8 +262,7 @@ def _ssd_reference(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, h0_BHPN, doc_BL):
 
 
 def cpu_block_bytes(headdim, dstate):
-  from kernels import ssd_pallas, tuning
-  tuned = tuning.lookup("ssd_xla", ssd_pallas.shape_class(headdim, dstate))
+  tuned = tuning.lookup("ssd_xla", tuning.ssd_class(headdim, dstate))
   return int(tuned["cpu_block_bytes"]) if tuned else _CPU_BLOCK_BYTES
 
 

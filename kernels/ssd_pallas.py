@@ -151,17 +151,11 @@ def _largest_pow2_divisor(n, cap):
   return d
 
 
-def shape_class(headdim, dstate):
-  """The tuning table's shape class of an SSD call (kernels/tuning.py)."""
-  classes = (16, 32, 64, 128, 256)
-  return f"p{tuning.size_class(headdim, classes)}n{tuning.size_class(dstate, classes)}"
-
-
 def default_block_sizes(target, q, heads_per_group, headdim, dstate):
   """Block sizes for a call (q = internal chunk length)."""
   if target == "tpu":
     return BlockSizes(block_m=q, block_k=q, block_p=headdim, heads=heads_per_group)
-  tuned = tuning.lookup("ssd_pallas", shape_class(headdim, dstate))
+  tuned = tuning.lookup("ssd_pallas", tuning.ssd_class(headdim, dstate))
   if tuned:
     return _fit_blocks(BlockSizes(**tuned), target, q, heads_per_group, headdim)
   big = max(headdim, dstate) >= 256

@@ -43,6 +43,12 @@ def size_class(n, classes=(64, 128, 256)):
   return next((c for c in classes if n <= c), classes[-1])
 
 
+def ssd_class(headdim, dstate):
+  """The shape class of an SSD call (ssd_pallas and ssd_xla entries)."""
+  classes = (16, 32, 64, 128, 256)
+  return f"p{size_class(headdim, classes)}n{size_class(dstate, classes)}"
+
+
 def key(op, kind, shape_class):
   return f"{op}|{kind}|{shape_class}"
 

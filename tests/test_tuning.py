@@ -69,8 +69,8 @@ def test_ssd_cpu_block_and_pallas_defaults_follow_the_table(table):
   assert ssd._chunks_per_block(2, 4, 64, 32, 64, 64) == ssd._CPU_BLOCK_BYTES // (2 * 4 * 64 * 64 * 4)
   kind = tuning.device_kind()
   tuning.write_entries({
-      tuning.key("ssd_xla", kind, ssd_pallas.shape_class(64, 64)): {"cpu_block_bytes": 4 * 2 * 4 * 64 * 64 * 4},
-      tuning.key("ssd_pallas", kind, ssd_pallas.shape_class(64, 128)): {"block_m": 32, "block_k": 16, "block_p": 16,
+      tuning.key("ssd_xla", kind, tuning.ssd_class(64, 64)): {"cpu_block_bytes": 4 * 2 * 4 * 64 * 64 * 4},
+      tuning.key("ssd_pallas", kind, tuning.ssd_class(64, 128)): {"block_m": 32, "block_k": 16, "block_p": 16,
                                                                         "heads": 2, "num_warps": 8, "num_stages": 3},
       tuning.key("flash_attention", kind, "d128"): {"block_q": 32, "block_k": 32, "block_q_dkv": 16,
                                                    "block_k_dkv": 32, "block_q_dq": 32, "block_k_dq": 16}})

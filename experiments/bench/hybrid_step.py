@@ -88,15 +88,14 @@ def main(argv=None):
       t0 = time.perf_counter()
       runners[i][0](args.steps)
       times[i].append((time.perf_counter() - t0) / args.steps)
-  cfg = base
-  flops_step = lm.flops_per_token(cfg, args.length) * args.batch * args.length
+  flops_step = lm.flops_per_token(base, args.length) * args.batch * args.length
   peak = args.peak_tflops or peak_tflops(kind)
   lines = []
   for i in impls:
     step_s = statistics.median(times[i])
     tflops = flops_step / step_s / 1e12
     lines.append({"bench": "hybrid_step", "impl": i, "device_kind": kind, "params": int(runners[i][1]),
-                  "pattern": cfg.pattern, "batch": args.batch, "length": args.length, "step_ms": round(step_s * 1e3, 2),
+                  "pattern": base.pattern, "batch": args.batch, "length": args.length, "step_ms": round(step_s * 1e3, 2),
                   "tokens_per_s": round(args.batch * args.length / step_s, 1), "tflops": round(tflops, 3),
                   "mfu": None if not peak else round(tflops / peak, 4), "peak_tflops": peak,
                   "loss_first": round(first[i], 4), "jax": jax.__version__})

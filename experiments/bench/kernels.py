@@ -72,7 +72,7 @@ def cases(backend, quick):
     return [
         ("attention_xla", f"d{att[3]}", lambda: _attention_case(*att, jnp.float32, "xla"),
          [{"causal_block": c} for c in ((64, 128) if quick else (64, 32, 128, 256))]),
-        ("ssd_xla", ssd_pallas.shape_class(ssd[3], ssd[4]), lambda: _ssd_case(*ssd, jnp.float32, "xla"),
+        ("ssd_xla", tuning.ssd_class(ssd[3], ssd[4]), lambda: _ssd_case(*ssd, jnp.float32, "xla"),
          [{"cpu_block_bytes": c << 10} for c in ((512, 128) if quick else (512, 128, 256, 1024, 2048, 8192))]),
     ]
   out = []
@@ -91,7 +91,7 @@ def cases(backend, quick):
     grid = [SB(64, 64, 32, 4, 4, 2), SB(32, 64, 32, 4, 4, 2), SB(64, 32, 64, 2, 4, 3), SB(128, 64, 64, 4, 8, 2),
             SB(32, 32, 32, 8, 4, 2)]
     cands = [default] + [c for c in map(asdict, grid) if c != default]
-    out.append(("ssd_pallas", ssd_pallas.shape_class(64, 128),
+    out.append(("ssd_pallas", tuning.ssd_class(64, 128),
                 lambda: _ssd_case(4, 4096, 32, 64, 128, 128, jnp.bfloat16, "pallas"), cands[:3] if quick else cands))
   return out
 
