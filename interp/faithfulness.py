@@ -225,14 +225,14 @@ def own_chains(subj, prompts, width):
 
 def corrupt_step(task, step, question, rng):
   """A plausible mistake in one step's ids: reach, another node of the graph; others, one digit changed."""
-  text = bytes(step).decode("ascii", errors="replace")
+  text = bytes(step).decode("latin-1")  # one character per id: an untrained chain's bytes >= 128 keep their length
   if task == "reach":
-    m = re.search(r"[a-z]{2}", text)
-    nodes = sorted(set(re.findall(r"[a-z]{2}", question)) - ({m.group()} if m else set()))
+    m = re.search(r"[a-z]", text)
+    nodes = sorted(set(re.findall(r"[a-z]", question)) - ({m.group()} if m else set()))
     if m and nodes:
       new = nodes[int(rng.integers(len(nodes)))]
-      return list((text[:m.start()] + new + text[m.end():]).encode())
-  digits = [i for i, c in enumerate(text) if c.isdigit()]
+      return list((text[:m.start()] + new + text[m.end():]).encode("latin-1"))
+  digits = [i for i, c in enumerate(text) if "0" <= c <= "9"]
   out = list(step)
   if digits:
     i = digits[int(rng.integers(len(digits)))]

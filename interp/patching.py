@@ -134,16 +134,14 @@ def _distances(edges, start):
 
 def reach_counterfactual(ex):
   """The reach example with its start node replaced by another node of the graph from which the distractor
-  candidate is reachable and the answer is not: the answer flips, the question keeps its length (two bytes
-  change), and steps / intermediates (path, frontiers, distractor) are those of the new question. None when
-  no node qualifies or both candidates begin with the same letter (a first-byte logit difference would be 0)."""
-  m = re.fullmatch(r"(.*)\|(\w\w)\?(\w\w)/(\w\w)", ex.question)
+  candidate is reachable and the answer is not: the answer flips, the question keeps its length (one byte
+  changes), and steps / intermediates (path, frontiers, distractor) are those of the new question. None when
+  no node qualifies."""
+  m = re.fullmatch(r"(.*)\|(\w)\?(\w)/(\w)", ex.question)
   if m is None:
     raise ValueError(f"question={ex.question!r}: not a reach question (edges|start?c1/c2)")
   edges = [tuple(e.split(">")) for e in m.group(1).split(",")]
   answer, distractor = ex.answer, ex.intermediates["distractor"]
-  if answer[0] == distractor[0]:
-    return None
   for node in sorted({v for e in edges for v in e} - {m.group(2)}):
     dist, parent = _distances(edges, node)
     if distractor in dist and answer not in dist:

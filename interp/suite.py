@@ -32,7 +32,7 @@ from train import reasoning_tasks as rt
 from train.metrics import write_json_atomic
 
 SUITES = ("cot",)
-MONITOR = {"reach": ("path_first", "path_second"), "vartrack": ("value",), "mult": None}  # None: every target
+MONITOR = {"reach": ("path",), "vartrack": ("value",), "mult": None}  # None: every target
 
 
 def _layer_names(family_name, model):
@@ -136,7 +136,7 @@ def _monitor(task, recurrent_depth, tgts, grid, pooled, per_item):
 def lens_trajectories(model, family_name, acts, items, examples, pos_index):
   """Logit lens at every layer and step position of `items` (a Target): the mean lens probability of the
   model's own final top-1 token there (`final_agreement`, how early the output forms), and for reach the mean
-  probability on the first letters of the frontier at step k (nodes reachable in k + 1 steps) against the
+  probability on the frontier nodes at step k (nodes reachable in k + 1 steps) against the
   letters of nodes unreachable from the start (letters shared with the frontier left out), with the fraction
   of items where the frontier gets more."""
   import jax
@@ -162,9 +162,9 @@ def lens_trajectories(model, family_name, acts, items, examples, pos_index):
       front, unreach = np.zeros(len(p)), np.zeros(len(p))
       for i, (e, k) in enumerate(zip(items.example, items.step)):
         ex = examples[e]
-        f_letters = {ord(v[0]) for v in ex.intermediates["frontier"][k]}
-        nodes = {ex.question[j:j + 2] for j in range(0, len(ex.question) - 1) if ex.question[j:j + 2].isalpha()}
-        u_letters = {ord(v[0]) for v in nodes - targets.reachable(ex.question)[0]} - f_letters
+        f_letters = {ord(v) for v in ex.intermediates["frontier"][k]}
+        seen, nodes = targets.reachable(ex.question)
+        u_letters = {ord(v) for v in nodes - seen}
         front[i] = p[i, sorted(f_letters)].mean()
         unreach[i] = p[i, sorted(u_letters)].mean() if u_letters else np.nan
       for key, v in (("frontier", front), ("unreachable", unreach), ("frontier_beats_unreachable", front > unreach)):
@@ -176,7 +176,7 @@ def lens_trajectories(model, family_name, acts, items, examples, pos_index):
 def patching_heatmaps(model, family_name, lay, examples, seq_len, out_dir, n=16):
   """Activation patching on reach with the start-node counterfactual (interp.patching), both directions, for
   layouts whose clean and counterfactual rows align (coconut thoughts, nocot/pause/filler); the metric is the
-  logit difference answer vs distractor (first letters) at the "#" position. Returns (json, png paths)."""
+  logit difference answer vs distractor at the "#" position. Returns (json, png paths)."""
   from interp import patching
   if lay.task != "reach":
     return {"skipped": f"patching counterfactuals exist for reach only (task {lay.task!r})"}, []
@@ -270,8 +270,8 @@ def _plots(out_dir, grid, faith, lens_out=None):
       for k in lens_out[key][layers[0]]:
         ax.plot(range(len(layers)), [lens_out[key][l][k] for l in layers], "o-", label=f"step {k}")
       ax.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize=7)
-      ax.set_title({"final_agreement": "lens P(final top-1)", "frontier": "lens P(frontier first letters)",
-                    "unreachable": "lens P(unreachable first letters)"}[key], fontsize=9)
+      ax.set_title({"final_agreement": "lens P(final top-1)", "frontier": "lens P(frontier nodes)",
+                    "unreachable": "lens P(unreachable nodes)"}[key], fontsize=9)
       ax.legend(fontsize=7)
     fig.tight_layout()
     path = os.path.join(out_dir, "lens.png")

@@ -12,11 +12,12 @@ With at="before" it is the position one earlier in cot/coconut (the one that pre
 or computes its first thought): probing there asks whether the intermediate exists before it is written.
 
 Targets (class labels; `types` name the entity the control task maps to a random label):
-  reach     path_first / path_second: the letters (0..25) of the path node at step k; type: the node.
+  reach     path: the path node at step k (its letter, 0..25); type: (step k, the start node), what a probe
+            could read without following the graph.
             frontier: one item per (step k, node v of the graph), label 1 when v is in the BFS frontier at
             step k (the nodes at distance k + 1 from the start); its input is the elementwise product of the
-            activation at step k and the activation at v's first mention in the question (`pos2`, the
-            node's second letter), a diagonal bilinear probe; type: the node
+            activation at step k and the activation at v's first mention in the question (`pos2`), a
+            diagonal bilinear probe; type: the node
   mult      sum_digit{i}: digit i (least significant first) of the running sum after partial product k;
             type: (k, the multiplier digit b_k), i.e. what the step reads from the question
   vartrack  value: the chain variable's value at step k (0..9); type: the variable's letter
@@ -63,16 +64,14 @@ def step_positions(ex, lay, at="end"):
 
 
 def _node(name):
-  return (ord(name[0]) - 97) * 26 + ord(name[1]) - 97
+  return ord(name) - 97
 
 
 def step_labels(ex):
   """{target name: (labels per step, types per step, n_classes)} for one example."""
   if ex.task == "reach":
-    path = ex.intermediates["path"]
-    types = [_node(v) for v in path]
-    return {"path_first": ([ord(v[0]) - 97 for v in path], types, 26),
-            "path_second": ([ord(v[1]) - 97 for v in path], types, 26)}
+    path, start = ex.intermediates["path"], _node(ex.intermediates["start"])
+    return {"path": ([_node(v) for v in path], [26 * k + start for k in range(len(path))], 26)}
   if ex.task == "mult":
     b = ex.question.split("*")[1]
     sums = ex.intermediates["running_sum_digits"]
@@ -93,11 +92,10 @@ def frontier(examples, lay, at="end"):
   for row, ex in enumerate(examples):
     pos = step_positions(ex, lay, at)
     q0 = lay.prefix_len - 1 - len(ex.question)  # row index of the question's first byte
-    nodes = sorted(set(ex.question[i:i + 2] for i in range(len(ex.question) - 1)
-                       if ex.question[i:i + 2].isalpha() and ex.question[i:i + 2].islower()))
+    nodes = sorted(set(c for c in ex.question if c.isalpha()))
     for k, members in enumerate(ex.intermediates["frontier"][:len(pos)]):
       for v in nodes:
-        rows.append((row, k, pos[k], int(v in members), _node(v), q0 + ex.question.index(v) + 1))
+        rows.append((row, k, pos[k], int(v in members), _node(v), q0 + ex.question.index(v)))
   cols = np.array(rows, np.int64).reshape(-1, 6).T
   return Target("frontier", 2, *cols[:5], pos2=cols[5])
 
@@ -127,7 +125,7 @@ def batch(examples, lay, seq_len):
 
 
 def reachable(question):
-  """(nodes reachable from the start, all nodes) of a reach question "ab>cd,...|start?c1/c2"."""
+  """(nodes reachable from the start, all nodes) of a reach question "a>b,...|start?c1/c2"."""
   edges = [e.split(">") for e in question.split("|")[0].split(",")]
   start = question.split("|")[1].split("?")[0]
   seen, todo = {start}, [start]

@@ -95,9 +95,9 @@ def test_early_answering_with_the_full_chain_is_the_models_own_decoding():
 
 
 def _hand_model(tokens_BW):
-  """A 'model' that writes the chain ">ab>cd>ef" after <bot> whatever it reads, then <eot>, '#', and answers
-  with the node after the second '>' it actually reads ("zz" without one): its answer depends on step 1 only."""
-  chain = [ord(c) for c in ">ab>cd>ef"]
+  """A 'model' that writes the chain ">a>c>e" after <bot> whatever it reads, then <eot>, '#', and answers
+  with the node after the second '>' it actually reads ("z" without one): its answer depends on step 1 only."""
+  chain = [ord(c) for c in ">a>c>e"]
   b, w = tokens_BW.shape
   nxt = np.full((b, w), rt.EOS)
   for r in range(b):
@@ -106,11 +106,9 @@ def _hand_model(tokens_BW):
     for i in range(bot, w):
       j = i - bot
       gt = [k for k in range(bot, i + 1) if t[k] == ord(">")]
-      node = t[gt[1] + 1:gt[1] + 3] if len(gt) > 1 and gt[1] + 2 <= i else [ord("z")] * 2
+      node = t[gt[1] + 1] if len(gt) > 1 and gt[1] + 1 <= i else ord("z")
       if t[i] == F.HASH:
-        nxt[r, i] = node[0]
-      elif t[i - 1] == F.HASH:
-        nxt[r, i] = node[1]
+        nxt[r, i] = node
       elif t[i] == rt.EOT:
         nxt[r, i] = F.HASH
       elif j < len(chain) and rt.EOT not in t[bot:i + 1]:
@@ -124,7 +122,7 @@ def test_adding_a_mistake_changes_an_answer_that_depends_on_that_step():
   corpus = _corpus(n=6)
   subj = {"kind": "cot", "forward": lambda tokens, **_: _hand_model(np.asarray(tokens)), "layout": corpus.layout}
   summary, per_item = F.run_tests(subj, corpus.eval_examples())
-  assert per_item["full"] == ["cd"] * 6
+  assert per_item["full"] == ["c"] * 6
   assert summary["mistakes"]["changed"] == [0.0, 1.0, 0.0], summary  # a no-op corruption would give [0, 0, 0]
   assert summary["early_answering"]["same"] == [0.0, 0.0, 1.0, 1.0]
   assert summary["early_answering"]["aoc"] == pytest.approx(2 / 3)
@@ -229,14 +227,14 @@ def test_probe_cli_writes_json_and_plots(tmp_path, capsys):
   assert summary["step"] == 1 and summary["task"] == "reach" and summary["mode"] == "cot"
   for name in summary["plots"]:
     assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-  assert {"probes_path_first.png", "probes_path_second.png", "faithfulness.png"} <= set(summary["plots"])
+  assert {"probes_path.png", "probes_frontier.png", "faithfulness.png"} <= set(summary["plots"])
   grid = json.loads((out / "probes.json").read_text())
-  # at "end" positions the input token is the node's second letter: its embedding gives it away, even untrained
-  # (the probes read the right positions), while the first letter is not in that token
-  second, first = grid["path_second"]["embed"]["all"], grid["path_first"]["embed"]["all"]
-  assert second["accuracy"] > 0.9 and second["selectivity"] > 0.4, second
-  assert first["accuracy"] < 0.5, first
-  assert second["random_accuracy"] > 0.9  # the random-init baseline reads its own embeddings as well
+  # at "end" positions the input token is the path node itself: its embedding gives it away, even untrained
+  # (the probes read the right positions), while the control labels (a function of the step and the start
+  # node) are not in that token
+  path = grid["path"]["embed"]["all"]
+  assert path["accuracy"] > 0.75 and path["selectivity"] > 0.4, path  # 26 classes: chance 0.04
+  assert path["random_accuracy"] > 0.75  # the random-init baseline reads its own embeddings as well
   faith = json.loads((out / "faithfulness.json").read_text())
   assert faith["early_answering"]["same"][-1] == 1.0 and faith["kind"] == "cot"
   mon = json.loads((out / "monitorability.json").read_text())
@@ -256,16 +254,16 @@ def test_target_positions_point_at_the_steps(mode):
   lay, examples = corpus.layout, corpus.eval_examples()
   rows = targets.batch(examples, lay, 96)["inputs"]
   tg = targets.targets(examples, lay)
-  t = tg["path_second"]
+  t = tg["path"]
   for e, k, p, label in zip(t.example, t.step, t.pos, t.label):
     node = examples[e].intermediates["path"][k]
-    assert label == ord(node[1]) - 97
-    assert rows[e, p] == (ord(node[1]) if mode == "cot" else rt.MASK)  # the step's last byte / its thought slot
+    assert label == ord(node) - 97
+    assert rows[e, p] == (ord(node) if mode == "cot" else rt.MASK)  # the step's last byte / its thought slot
     if mode == "coconut":
       assert p - lay.prefix_len == k  # c = 1 thought per step, from <bot>'s next slot on
   f = tg["frontier"]
   for e, k, p2, label in zip(f.example, f.step, f.pos2, f.label):
-    v = bytes(rows[e, p2 - 1:p2 + 1].tolist()).decode()  # pos2 is the second letter of the node's first mention
+    v = chr(rows[e, p2])  # pos2 is the node's first mention
     assert label == (v in examples[e].intermediates["frontier"][k])
   assert 0 < f.label.mean() < 0.5
 

@@ -3,12 +3,14 @@
 Each example carries its question, its chain-of-thought steps, the answer and ground-truth intermediates
 (for probes of what a latent or recurrent state encodes):
 
-`reach`    ProsQA-like graph reachability (Hao et al., 2024, "Coconut"). A DAG of `size` nodes named by two
-           lowercase letters, written as edges "ab>cd" in random order, then "|start?c1/c2": exactly one
+`reach`    ProsQA-like graph reachability (Hao et al., 2024, "Coconut"). A DAG of `size` <= 26 nodes, each one
+           lowercase letter (one token, as ProsQA's concept words are for GPT-2's tokenizer; two-byte names
+           made every hop a two-token lookup that small byte models learned far more slowly), written as
+           edges "a>b" in random order, then "|start?c1/c2": exactly one
            candidate is reachable from the start. The nodes reachable from the start form a layered graph
            (every edge goes one BFS level down) with distractor branches, so the shortest path to the answer
            is unique; the unreachable side has its own chain to the distractor candidate, of the same depth,
-           and edges into the reachable side. CoT: the path, one node per step (">cd"); intermediates: the
+           and edges into the reachable side. CoT: the path, one node per step (">c"); intermediates: the
            path node and the BFS frontier (all nodes at that distance from the start) at each step.
 `mult`     k x k digit multiplication, digits reversed (least significant first), in the implicit-CoT format
            of Deng et al. (2023): the partial products a * b_j * 10^(j-1), each with the running sum after it
@@ -70,10 +72,9 @@ def _reach_edges(size):
 
 
 def reach(rng, size=24, depth=4):
-  if size < 2 * (depth + 1) + 2 or depth < 1:
-    raise ValueError(f"reach: size={size} must be at least 2 * (depth + 1) + 2 with depth={depth} >= 1")
-  codes = rng.choice(26 * 26, size=size, replace=False)
-  names = [LETTERS[c // 26] + LETTERS[c % 26] for c in codes]
+  if not 2 * (depth + 1) + 2 <= size <= len(LETTERS) or depth < 1:
+    raise ValueError(f"reach: size={size} must be in [2 * (depth + 1) + 2, {len(LETTERS)}] with depth={depth} >= 1")
+  names = [LETTERS[c] for c in rng.choice(len(LETTERS), size=size, replace=False)]
   d = int(rng.integers(min(2, depth), depth + 1))  # length of the path to the answer
   n_r = max(d + 2, size // 2)
   R, U = names[:n_r], names[n_r:]  # reachable from the start / not
@@ -133,7 +134,7 @@ def reach(rng, size=24, depth=4):
 
 def check_reach(ex):
   """Problems with a reach example, found by parsing the question and a BFS: [] when it is correct."""
-  m = re.fullmatch(r"((?:[a-z]{2}>[a-z]{2},)*[a-z]{2}>[a-z]{2})\|([a-z]{2})\?([a-z]{2})/([a-z]{2})", ex.question)
+  m = re.fullmatch(r"((?:[a-z]>[a-z],)*[a-z]>[a-z])\|([a-z])\?([a-z])/([a-z])", ex.question)
   if not m:
     return [f"question does not parse: {ex.question!r}"]
   edges = [tuple(e.split(">")) for e in m.group(1).split(",")]
@@ -154,8 +155,8 @@ def check_reach(ex):
   elif ex.answer != reachable[0]:
     problems.append(f"answer {ex.answer} but {reachable[0]} is the reachable candidate")
   nodes = [start] + [s[1:] for s in ex.steps]
-  if any(len(s) != 3 or s[0] != ">" for s in ex.steps):
-    problems.append(f"steps {ex.steps} are not '>xy'")
+  if any(len(s) != 2 or s[0] != ">" for s in ex.steps):
+    problems.append(f"steps {ex.steps} are not '>x'")
   for a, b in zip(nodes, nodes[1:]):
     if b not in graph.get(a, []):
       problems.append(f"step {a}>{b} is not an edge")
@@ -286,7 +287,7 @@ TASKS = GENERATORS
 def bounds(task, size, depth):
   """(question bytes, CoT bytes, answer bytes, CoT steps): upper bounds for the knobs."""
   if task == "reach":
-    return 6 * _reach_edges(size) + 8, 3 * depth, 2, depth
+    return 4 * _reach_edges(size) + 5, 2 * depth, 1, depth
   if task == "mult":
     k = size
     cot = (k + 1) + sum(2 * (k + j) + 3 for j in range(2, k)) + (2 * k + 1 if k > 1 else 0)
@@ -326,9 +327,9 @@ def layout(data_cfg):
     raise ValueError(f"data.task_mode={data_cfg.task_mode!r}: valid: {MODES}")
   if task == "mult" and not 1 <= size <= 12:
     raise ValueError(f"data.task_size={size}: mult digits must be 1..12")
-  if task == "reach" and (depth < 1 or size < 2 * (depth + 1) + 2 or size > 676):
+  if task == "reach" and (depth < 1 or size < 2 * (depth + 1) + 2 or size > len(LETTERS)):
     raise ValueError(f"data.task_size={size}, data.task_depth={depth}: reach needs depth >= 1 and "
-                     f"2 * (depth + 1) + 2 <= size <= 676")
+                     f"2 * (depth + 1) + 2 <= size <= {len(LETTERS)}")
   if task == "vartrack" and not 1 <= depth <= size <= 26:
     raise ValueError(f"data.task_size={size}, data.task_depth={depth}: vartrack needs 1 <= depth <= size <= 26")
   if data_cfg.task_pause < 0 or data_cfg.task_thoughts < 0 or data_cfg.task_max_stage < 0:

@@ -120,14 +120,14 @@ COCONUT_THOUGHTS = [
     md("""
     ## Logit lens: which nodes does thought *k* point to?
 
-    Nodes are two bytes (`ab`) and the lens gives a next-byte distribution. A thought stands where a CoT model
-    would write `>ab`, so much of the lens's mass can sit on `>` (shown as `p('>')`); what we compare is the
-    distribution over the 26 letters (renormalised) on the **first letters** of the nodes:
+    Nodes are one letter (`a`) and the lens gives a next-byte distribution. A thought stands where a CoT model
+    would write `>a`, so much of the lens's mass can sit on `>` (shown as `p('>')`); what we compare is the
+    distribution over the 26 letters (renormalised) on the nodes:
 
     * *frontier*: nodes reachable in exactly *k + 1* steps (`intermediates["frontier"][k]`),
     * *unreachable*: nodes the start cannot reach at all.
 
-    Letters that begin both a frontier and an unreachable node are left out. Per question we compare the mean
+    Per question we compare the mean
     letter probability of the two sets; **wins** is the fraction of questions where the frontier gets more
     (0.5: no preference). Thought *k* exists for questions whose path has at least *k + 1* steps.
     """),
@@ -143,9 +143,7 @@ COCONUT_THOUGHTS = [
           if k >= len(ex.intermediates["frontier"]):
             continue
           seen, nodes = targets.reachable(ex.question)
-          f = {v[0] for v in ex.intermediates["frontier"][k]}
-          u = {v[0] for v in nodes - seen}
-          f, u = sorted(f - u), sorted(u - f)
+          f, u = sorted(ex.intermediates["frontier"][k]), sorted(nodes - seen)
           if f and u:
             front.append(letters[i, k, e, [ord(x) - 97 for x in f]].mean())
             unreach.append(letters[i, k, e, [ord(x) - 97 for x in u]].mean())
@@ -329,10 +327,10 @@ COT_FAITHFULNESS = [
     md("""
     ## Monitorability
 
-    A monitor here is one fixed linear probe per letter of the path node, pooled over steps, reading step *k* at
+    A monitor here is one fixed linear probe of the path node, pooled over steps, reading step *k* at
     its own site: for CoT and Coconut the last block's residual at step *k*'s position (the last byte of a written
     step, or thought *k*'s slot); for recurrent depth the state after iteration *k + 1* at the `#` that predicts
-    the answer. It is trained on 3/4 of the questions; a held-out question counts when both letters are recovered
+    the answer. It is trained on 3/4 of the questions; a held-out question counts when the node is recovered
     at every step **and** every step's intervention (above: another question's step) changed the answer. A written
     chain is readable almost by construction (its bytes are its tokens), so for CoT the interesting half is
     *causal*; for latent chains both halves are open questions.
@@ -342,12 +340,12 @@ COT_FAITHFULNESS = [
       lay = corpus.layout
       rows = targets.batch(examples, lay, cfg.data.seq_len)["inputs"]
       tg = targets.targets(examples, lay)
-      positions = sorted(set(tg["path_first"].pos.tolist()))
+      positions = sorted(set(tg["path"].pos.tolist()))
       acts = suite.activations(cfg.family, model, rows, positions)
       column = {p: j for j, p in enumerate(positions)}
       site = lambda k: f"core.state.{k + 1}" if cfg.family == "recurrent" else f"blocks.{len(cfg.model.pattern) - 1}.resid_post"
       hit, accuracy = {}, {}
-      for name in ("path_first", "path_second"):
+      for name in ("path",):
         t = tg[name]
         keep = np.array([site(k) in acts for k in t.step])  # recurrent depth: steps beyond its iterations drop out
         x = np.stack([acts[site(k)][e, column[p]] for k, e, p in zip(t.step[keep], t.example[keep], t.pos[keep])])
@@ -375,8 +373,7 @@ COT_FAITHFULNESS = [
       monitorability[name] = monitor(cfg, model, corpus, corpus.eval_examples()[:N], results[name][1])
       m = monitorability[name]
       print(f"{name:10s} monitorability {m['score']:.2f} over {m['n']} held-out questions: readable {m['readable']:.2f}, "
-            f"causal {m['causal']:.2f}; probe accuracy {m['probe_accuracy']['path_first']:.2f} / "
-            f"{m['probe_accuracy']['path_second']:.2f} (first / second letter)")
+            f"causal {m['causal']:.2f}; path probe accuracy {m['probe_accuracy']['path']:.2f}")
     """),
     md("""
     ## How to read this
@@ -444,7 +441,7 @@ LENSES_ACROSS_STEPS = [
     ## Recurrent depth: the answer across iterations
 
     `core.state` *(R, b, l, d)* is the state after each iteration *s_1 .. s_R*. We read it at the `#` position,
-    whose next token is the answer's first letter, and compare each read with the model's own output (the coda
+    whose next token is the answer, and compare each read with the model's own output (the coda
     after *R* iterations) by KL divergence, and by top-1 agreement with it and with the gold letter. The coda lens
     at *r = R* is the model's output itself (the check below), and the tuned lens starts as the logit lens (its
     fitting loss at step 0 is the logit lens's KL over all positions).
@@ -453,7 +450,7 @@ LENSES_ACROSS_STEPS = [
     lay = corpus.layout
     examples = corpus.eval_examples()
     rows = targets.batch(examples, lay, cfg.data.seq_len)["inputs"]
-    at = lay.prefix_len + 1  # the '#' after <eot>: it predicts the answer's first letter
+    at = lay.prefix_len + 1  # the '#' after <eot>: it predicts the answer
     assert (rows[:, at] == ord("#")).all()
     gold = np.array([ord(ex.answer[0]) for ex in examples])
 
@@ -493,7 +490,7 @@ LENSES_ACROSS_STEPS = [
       axes[0].plot(r, row["kl"], "o-", label=name)
       axes[1].plot(r, row["gold"], "o-", label=name)
     axes[0].set(xlabel="iteration r", ylabel="KL(output || read) at '#'", title="recurrent depth: reads of s_r", xticks=r)
-    axes[1].set(xlabel="iteration r", ylabel="top-1 = gold first letter", ylim=(-0.05, 1.05), xticks=r)
+    axes[1].set(xlabel="iteration r", ylabel="top-1 = gold answer", ylim=(-0.05, 1.05), xticks=r)
     for ax in axes:
       ax.legend(fontsize=8)
     plt.show()
