@@ -2,8 +2,10 @@
 and recurrent depth, at matched parameters and matched training FLOPs.
 
 Tasks (train/reasoning_tasks.py): `reach` (ProsQA-like graph reachability, 24 nodes, paths of 2..5 steps) and
-`mult` (4 x 4 digit multiplication, reversed digits, iCoT steps). Variants are "<task>-<arch>", each with a
-"-smoke" suffix for a couple of CPU minutes (smaller graphs, 3 x 3 digits, a 64-wide model); "" is
+`mult` (4 x 4 digit multiplication, reversed digits, iCoT steps). Variants are "<task>-<arch>" (a 256-wide
+model, 4000 CoT-baseline steps of 64 rows: a GPU run), each with a "-cpu" suffix (a 128-wide model, 3000 steps
+of 32 rows, reach on 12 nodes and paths of 2..3 steps, 4 x 4 digits: 10-15 minutes on a 2-core CPU) and a
+"-smoke" suffix (a 64-wide model, 200 steps of 16 rows, 3 x 3 digits: a couple of CPU minutes); "" is
 reach-coconut. Archs:
   nocot        question <bot><eot> answer
   cot          question <bot> steps <eot> answer (loss on the steps too)
@@ -35,17 +37,24 @@ from train.config import Config, DataConfig, TrainConfig, check_variant
 
 TASKS = ("reach", "mult")
 ARCHS = ("nocot", "cot", "pause", "filler", "coconut", "coconut-nocurriculum", "recurrent")
-VARIANTS = ("", "smoke") + tuple(f"{t}-{a}{s}" for t in TASKS for a in ARCHS for s in ("", "-smoke"))
+SCALES = {  # suffix: (model width, batch, CoT-baseline steps, peak lr)
+    "": (dict(d_model=256, n_heads=4), 64, 4000, 1e-3),
+    "cpu": (dict(d_model=128, n_heads=4), 32, 3000, 3e-3),
+    "smoke": (dict(d_model=64, n_heads=2), 16, 200, 3e-3)}
+VARIANTS = ("", "smoke") + tuple(f"{t}-{a}{'-' + s if s else ''}" for t in TASKS for a in ARCHS for s in SCALES)
 MODES = {"nocot": "nocot", "cot": "cot", "pause": "pause", "filler": "filler", "coconut": "coconut",
          "coconut-nocurriculum": "coconut", "recurrent": "nocot"}
 
 
-def task_data(task, smoke, mode="cot", **kw):
-  knobs = {("reach", False): dict(task_size=24, task_depth=5, task_thoughts=1),
-           ("reach", True): dict(task_size=12, task_depth=3, task_thoughts=1),
-           ("mult", False): dict(task_size=4, task_thoughts=2),
-           ("mult", True): dict(task_size=3, task_thoughts=1)}[(task, smoke)]
-  data = DataConfig(dataset=task, task_mode=mode, eval_examples=128 if smoke else 1024, seq_len=4096, **knobs)
+def task_data(task, scale, mode="cot", **kw):
+  knobs = {("reach", ""): dict(task_size=24, task_depth=5, task_thoughts=1),
+           ("reach", "cpu"): dict(task_size=12, task_depth=3, task_thoughts=1),
+           ("reach", "smoke"): dict(task_size=12, task_depth=3, task_thoughts=1),
+           ("mult", ""): dict(task_size=4, task_thoughts=2),
+           ("mult", "cpu"): dict(task_size=4, task_thoughts=2),
+           ("mult", "smoke"): dict(task_size=3, task_thoughts=1)}[(task, scale)]
+  data = DataConfig(dataset=task, task_mode=mode, eval_examples={"": 1024, "cpu": 512, "smoke": 128}[scale],
+                    seq_len=4096, **knobs)
   # One window for every mode of the task (the longest), so every variant sees the same tokens per step.
   longest = max(rt.layout(dataclasses.replace(data, task_mode=m, task_pause=_thoughts(data))).window
                 for m in rt.MODES)
@@ -59,12 +68,11 @@ def _thoughts(data):
 
 def get_config(variant=""):
   check_variant(variant, VARIANTS)
-  smoke = variant.endswith("smoke")
-  name = variant.removesuffix("-smoke").removesuffix("smoke") or "reach-coconut"
+  scale = next((s for s in ("cpu", "smoke") if variant.endswith(s)), "")
+  name = variant.removesuffix(scale).removesuffix("-") or "reach-coconut"
   task, _, arch = name.partition("-")
-  width = dict(d_model=64, n_heads=2) if smoke else dict(d_model=256, n_heads=4)
-  batch, baseline_steps = (16, 200) if smoke else (64, 4000)
-  data = task_data(task, smoke, MODES[arch])
+  width, batch, baseline_steps, lr = SCALES[scale]
+  data = task_data(task, scale, MODES[arch])
   lay = rt.layout(data)
   base = coconut.Config(pattern="AAAA", **width)  # with thoughts=0: archs.lm's transformer
   if arch in ("coconut", "coconut-nocurriculum"):
@@ -72,7 +80,7 @@ def get_config(variant=""):
                                                    prefix_len=lay.prefix_len)
   elif arch == "recurrent":
     family = "recurrent"
-    iters = dict(mean_iters=2.0, max_iters=6, backprop_iters=2) if smoke else dict(mean_iters=4.0, max_iters=12,
+    iters = dict(mean_iters=2.0, max_iters=6, backprop_iters=2) if scale else dict(mean_iters=4.0, max_iters=12,
                                                                                    backprop_iters=4)
     model = recurrent.Config(pattern="AAAA", prelude=1, coda=1, **width, **iters, vocab_size=262)
     model = archs.match_params("recurrent", model, archs.param_count("lm", dataclasses.replace(base, vocab_size=262)))
@@ -88,8 +96,8 @@ def get_config(variant=""):
     data = dataclasses.replace(data, task_stage_steps=max(1, steps // (lay.max_stage + 2)))
   elif arch == "coconut-nocurriculum":
     data = dataclasses.replace(data, task_stage=lay.max_stage)
-  train = TrainConfig(steps=steps, batch_size=batch, lr=3e-3 if smoke else 1e-3, warmup_steps=max(1, steps // 20),
-                      eval_every=max(1, steps // 4), ckpt_every=0 if smoke else max(1, steps // 4),
+  train = TrainConfig(steps=steps, batch_size=batch, lr=lr, warmup_steps=max(1, steps // 20),
+                      eval_every=max(1, steps // 4), ckpt_every=0 if scale == "smoke" else max(1, steps // 4),
                       samples=2, sample_len=lay.tail_len + 2, log_every=10)
   return Config(family=family, model=model, data=data, train=train)
 
