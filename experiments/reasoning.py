@@ -23,6 +23,8 @@ the CoT baseline's training FLOPs: steps = budget / FLOPs per step (Coconut's th
 iterations cost more per step, so they take fewer steps). Read eval_exact (whole-answer exact match, see the
 loop) and eval_acc in metrics.jsonl; `python -m experiments.reasoning accuracy RUN` decodes greedily.
 
+`python -m experiments.reasoning table RUN...` prints a JSON line per run: greedy accuracy with its 95% Wilson
+interval, parameters, steps, training FLOPs (recurrent depth: accuracy at r = 1..8).
 `python -m experiments.reasoning cost [task] [--smoke]` times one training step of CoT, Coconut (recomputing and
 cached) and recurrent depth on this machine.
 """
@@ -162,6 +164,51 @@ def accuracy(run_dir, n=None, iters=None):
                             for r in (iters or [cfg.model.iters_at_test])}}
 
 
+def _wilson(k, n, z=1.96):
+  """95% Wilson score interval of a binomial proportion k / n."""
+  if n == 0:
+    return (0.0, 1.0)
+  p, d = k / n, 1 + z * z / n
+  mid, half = (p + z * z / (2 * n)) / d, z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / d
+  return (max(0.0, mid - half), min(1.0, mid + half))
+
+
+def table(run_dirs, n=None, iters=(1, 2, 3, 4, 6, 8)):
+  """One JSON-ready row per run: greedy accuracy with its 95% Wilson interval on the held-out questions,
+  teacher-forced exact match, parameters, steps and training FLOPs (recurrent depth: accuracy at each r)."""
+  import json
+  import os
+
+  from flax import nnx
+
+  import archs
+  from train import loop
+  rows = []
+  for run_dir in run_dirs:
+    cfg, family, corpus, graphdef, state, _, step_ = loop.load_run(run_dir)
+    model = nnx.merge(graphdef, state["params"], state["rest"])
+    last = {}
+    for line in open(os.path.join(run_dir, "metrics.jsonl")):
+      rec = json.loads(line)
+      last.update({k: v for k, v in rec.items() if k in ("flops", "eval_exact", "wall_s")})
+    examples = len(corpus.eval_examples()[:n])
+    row = {"run": os.path.basename(os.path.normpath(run_dir)), "family": cfg.family, "task": corpus.layout.task,
+           "mode": corpus.layout.mode, "size": corpus.layout.size, "depth": corpus.layout.depth,
+           "params": archs.param_count(cfg.family, cfg.model), "step": int(step_), "train_flops": last.get("flops"),
+           "wall_s": last.get("wall_s"), "seed": cfg.train.seed, "eval_exact": last.get("eval_exact"),
+           "questions": examples}
+    for r in (iters if cfg.family == "recurrent" else [None]):
+      kw = {} if r is None else {"iters": r}
+      acc = rt.generated_accuracy(family, model, corpus, n, **kw)[0]
+      key = "accuracy" if r is None else f"accuracy_r{r}"
+      row[key], row[key + "_ci"] = acc, _wilson(round(acc * examples), examples)
+    if cfg.family == "recurrent":
+      row["accuracy"], row["accuracy_ci"] = row[f"accuracy_r{cfg.model.iters_at_test}"], row[
+          f"accuracy_r{cfg.model.iters_at_test}_ci"]
+    rows.append(row)
+  return rows
+
+
 if __name__ == "__main__":
   import json
   if len(sys.argv) >= 2 and sys.argv[1] == "cost":
@@ -169,5 +216,8 @@ if __name__ == "__main__":
   elif len(sys.argv) >= 3 and sys.argv[1] == "accuracy":
     rs = [int(r) for r in sys.argv[3].split(",")] if len(sys.argv) > 3 else None
     print(json.dumps(accuracy(sys.argv[2], iters=rs), indent=1))
+  elif len(sys.argv) >= 3 and sys.argv[1] == "table":
+    for row in table(sys.argv[2:]):
+      print(json.dumps(row))
   else:
     print(__doc__)
