@@ -7,6 +7,10 @@ with the training split's mean and std. Every probe is reported against its cont
 fixed map from the item's *type* (for example the node a path step names) to a label, sampled from the
 empirical label distribution. A probe that only memorises types does as well on the control as on the task;
 selectivity = accuracy - control accuracy (R^2 - control R^2 for values) is what the representation adds.
+With unbalanced classes that difference alone can mislead: a probe at the majority rate (it learned nothing)
+shows selectivity > 0 whenever memorising types pulls the control below the majority rate (e.g. reach's
+frontier membership, 86% "no"). So class probes also report above_majority = accuracy - majority rate, with
+its interval; a claim that a layer encodes the target needs both intervals above 0.
 
 Confidence intervals are a paired percentile bootstrap over held-out items (the probe and its control are
 scored on the same resample, so the interval is for their difference), 95% by default. The held-out split is
@@ -171,12 +175,15 @@ def probe(x_ND, labels_N, types_N, groups_N=None, *, kind="class", n_classes=Non
   if kind == "class":
     hit = pred == yt  # (2, m)
     values, counts = np.unique(labels[train], return_counts=True)
+    major = labels[test] == values[counts.argmax()]  # the majority-class guess's hits on the held-out items
     acc = lambda idx: hit[0, idx].mean()
     sel = lambda idx: hit[0, idx].mean() - hit[1, idx].mean()
+    above = lambda idx: hit[0, idx].mean() - major[idx].mean()
     out.update(accuracy=float(hit[0].mean()), control_accuracy=float(hit[1].mean()),
-               selectivity=float(hit[0].mean() - hit[1].mean()),
-               majority=float(np.mean(labels[test] == values[counts.argmax()])),
-               accuracy_ci=_bootstrap(acc, m, n_boot, seed), selectivity_ci=_bootstrap(sel, m, n_boot, seed))
+               selectivity=float(hit[0].mean() - hit[1].mean()), majority=float(major.mean()),
+               above_majority=float(hit[0].mean() - major.mean()),
+               accuracy_ci=_bootstrap(acc, m, n_boot, seed), selectivity_ci=_bootstrap(sel, m, n_boot, seed),
+               above_majority_ci=_bootstrap(above, m, n_boot, seed))
     correct = hit[0]
   else:
     r2 = lambda s, idx: _r2(pred[s, idx], yt[s, idx])

@@ -28,6 +28,20 @@ def test_probe_recovers_a_planted_feature_and_its_control_stays_at_chance():
   assert noise["accuracy"] < 0.35 and noise["selectivity_ci"][0] < 0.0 < noise["selectivity_ci"][1] + 0.05, noise
 
 
+def test_above_majority_exposes_a_probe_that_learned_nothing_on_unbalanced_labels():
+  rng = np.random.default_rng(0)
+  n = 900
+  types = rng.integers(0, 40, n)
+  labels = (rng.random(n) < 0.15).astype(int)  # 85% "no", independent of the features
+  x = rng.normal(size=(n, 16))
+  x[:, :8] = np.eye(40)[types][:, :8] * 3.0  # the features encode part of the type only
+  r = probes.probe(x, labels, types, groups_N=np.arange(n) // 3)
+  assert r["above_majority_ci"][0] <= 0.0, r  # nothing to read: no better than always guessing "no"
+  planted = probes.probe(x + 3.0 * labels[:, None], labels, types, groups_N=np.arange(n) // 3)
+  assert planted["above_majority_ci"][0] > 0.1 and planted["above_majority"] == pytest.approx(
+      planted["accuracy"] - planted["majority"]), planted
+
+
 def test_control_task_is_a_fixed_map_of_the_type_that_a_probe_can_memorise():
   rng = np.random.default_rng(0)
   types = rng.integers(0, 8, 400)
