@@ -63,7 +63,7 @@ def token_nll(logits_BLV, targets_BL, mask_BL):
 def loss(model, batch, rng):
   """Mean next-token cross-entropy over loss_mask; metrics carry the sums eval turns into bits per byte."""
   del rng  # the AR objective draws no noise
-  logits_BLV, _ = model(batch["inputs"], segment_ids_BL=batch["segment_ids"])
+  logits_BLV, _ = model(batch["inputs"], segment_ids_BL=batch.get("segment_ids"))  # none: a document per row
   mask_BL = batch["loss_mask"].astype(jnp.float32)
   nll_BL = token_nll(logits_BLV, batch["targets"], mask_BL)
   n_tokens = jnp.sum(mask_BL)

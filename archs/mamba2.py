@@ -91,16 +91,20 @@ class Mamba2(nnx.Module):
     return jnp.split(zxbcdt, [di, 2 * di + 2 * gn], axis=-1)  # z, xBC, dt
 
   def _conv(self, xBC_BLC, seg_BL):
-    """Causal depthwise conv; taps never reach into an earlier document of a packed sequence."""
+    """Causal depthwise conv; taps never reach into an earlier document of a packed sequence (seg_BL None:
+    one document per row, no masks to compute)."""
     k = self.d_conv
     pad = lambda a, v: jnp.pad(a, ((0, 0), (k - 1, 0)) + ((0, 0),) * (a.ndim - 2), constant_values=v)
-    x_pad, seg_pad = pad(xBC_BLC.astype(jnp.float32), 0.0), pad(seg_BL, -1)
+    x_pad = pad(xBC_BLC.astype(jnp.float32), 0.0)
+    seg_pad = None if seg_BL is None else pad(seg_BL, -1)
     kernel = self.conv_kernel[...].astype(jnp.float32)
     l = xBC_BLC.shape[1]
     out = self.conv_bias[...].astype(jnp.float32)
     for i in range(k):  # tap i multiplies x[t - (k - 1 - i)]
-      same = (seg_pad[:, i:i + l] == seg_BL)[..., None]
-      out = out + jnp.where(same, x_pad[:, i:i + l], 0.0) * kernel[i]
+      tap = x_pad[:, i:i + l]
+      if seg_pad is not None:
+        tap = jnp.where((seg_pad[:, i:i + l] == seg_BL)[..., None], tap, 0.0)
+      out = out + tap * kernel[i]
     return jax.nn.silu(out)
 
   def _heads(self, xBC):
@@ -132,8 +136,10 @@ class Mamba2(nnx.Module):
     dt_BLH = jax.nn.softplus(dt_BLH.astype(f32) + self.dt_bias[...].astype(f32))
     decay_BLH = jnp.exp(dt_BLH * -jnp.exp(self.A_log[...].astype(f32)))
     B_BLHN, C_BLHN = (jnp.repeat(t.astype(f32), rep, axis=2) for t in (B_BLGN, C_BLGN))
-    reset_BL = seg_BL != jnp.concatenate([seg_BL[:, :1], seg_BL[:, :-1]], axis=1)  # a new document starts
     b, l, h, p = x_BLHP.shape
+    if seg_BL is None:
+      seg_BL = jnp.zeros((b, l), jnp.int32)
+    reset_BL = seg_BL != jnp.concatenate([seg_BL[:, :1], seg_BL[:, :-1]], axis=1)  # a new document starts
     h0 = jnp.zeros((b, h, p, self.d_state), f32) if h0_BHPN is None else h0_BHPN.astype(f32)
     flip = (lambda a: a[:, ::-1]) if state_name == "state_rev" else (lambda a: a)
 
@@ -161,13 +167,14 @@ class Mamba2(nnx.Module):
     del positions_BL
     if attn_mask is not None:
       raise ValueError("a Mamba-2 mixer cannot follow an arbitrary attention mask (block diffusion needs pattern 'A')")
-    b, l, _ = x_BLD.shape
-    seg = jnp.zeros((b, l), jnp.int32) if segment_ids_BL is None else segment_ids_BL
+    l = x_BLD.shape[1]
+    seg = segment_ids_BL  # None: one document per row, and the conv and scan skip their document masks
     if not self.causal:
       if cache is not None:
         raise ValueError("a bidirectional Mamba-2 mixer has no decode cache")
       forward, _ = self._scan(x_BLD, seg)
-      backward, _ = self._scan(x_BLD[:, ::-1], seg[:, ::-1], state_name="state_rev")  # same weights, right to left
+      backward, _ = self._scan(x_BLD[:, ::-1], None if seg is None else seg[:, ::-1],
+                               state_name="state_rev")  # same weights, right to left
       return forward + backward[:, ::-1], None
     if cache is None:
       return self._scan(x_BLD, seg)[0], None

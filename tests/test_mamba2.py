@@ -71,6 +71,16 @@ def test_packed_documents_do_not_leak_through_conv_or_state(pattern):
   np.testing.assert_allclose(packed[:, 7:], alone, atol=1e-4)
 
 
+@pytest.mark.parametrize("pattern,causal", [("M", True), ("P", True), ("M", False)])
+def test_no_segment_ids_is_one_document_per_row(pattern, causal):
+  # without segment ids the conv and the scan skip their document masks; the result must not change
+  _, model = _model(pattern, causal=causal)
+  tokens = jax.random.randint(jax.random.key(3), (2, 19), 0, 256)
+  with_ids, _ = model(tokens, segment_ids_BL=jnp.full((2, 19), 5))
+  without, _ = model(tokens)
+  np.testing.assert_allclose(without, with_ids, atol=1e-5)
+
+
 def test_init_follows_the_paper():
   cfg, model = _model("M", ssm_headdim=8)
   mixer = model.backbone.blocks[0].mixer
