@@ -31,9 +31,13 @@ class GatedRMSNorm(nnx.Module):
     gate = jax.nn.silu(z.astype(jnp.float32))
     if not self.norm_before_gate:
       y = y * gate
-    y_g = rearrange(y, "... (g c) -> ... g c", g=self.groups)
-    y_g = y_g * jax.lax.rsqrt(jnp.mean(y_g * y_g, axis=-1, keepdims=True) + self.eps)
-    y = rearrange(y_g, "... g c -> ... (g c)") * self.scale[...].astype(jnp.float32)
+    if self.groups == 1:  # no size-1 group axis: XLA:CPU runs this fusion about 2x faster without it
+      y = y * jax.lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + self.eps)
+    else:
+      y_g = rearrange(y, "... (g c) -> ... g c", g=self.groups)
+      y_g = y_g * jax.lax.rsqrt(jnp.mean(y_g * y_g, axis=-1, keepdims=True) + self.eps)
+      y = rearrange(y_g, "... g c -> ... (g c)")
+    y = y * self.scale[...].astype(jnp.float32)
     return y * gate if self.norm_before_gate else y
 
 
