@@ -24,7 +24,7 @@ iterations cost more per step, so they take fewer steps). Read eval_exact (whole
 loop) and eval_acc in metrics.jsonl; `python -m experiments.reasoning accuracy RUN` decodes greedily.
 
 `python -m experiments.reasoning table RUN...` prints a JSON line per run: greedy accuracy with its 95% Wilson
-interval, parameters, steps, training FLOPs (recurrent depth: accuracy at r = 1..8).
+interval, per-character accuracy, parameters, steps, training FLOPs (recurrent depth: both at r = 1..8).
 `python -m experiments.reasoning cost [task] [--smoke]` times one training step of CoT, Coconut (recomputing and
 cached) and recurrent depth on this machine.
 """
@@ -179,6 +179,7 @@ def table(run_dirs, n=None, iters=(1, 2, 3, 4, 6, 8)):
   import json
   import os
 
+  import numpy as np
   from flax import nnx
 
   import archs
@@ -197,14 +198,19 @@ def table(run_dirs, n=None, iters=(1, 2, 3, 4, 6, 8)):
            "params": archs.param_count(cfg.family, cfg.model), "step": int(step_), "train_flops": last.get("flops"),
            "wall_s": last.get("wall_s"), "seed": cfg.train.seed, "eval_exact": last.get("eval_exact"),
            "questions": examples}
+    gold = [ex.answer for ex in corpus.eval_examples()[:n]]
     for r in (iters if cfg.family == "recurrent" else [None]):
       kw = {} if r is None else {"iters": r}
-      acc = rt.generated_accuracy(family, model, corpus, n, **kw)[0]
+      acc, answers = rt.generated_accuracy(family, model, corpus, n, **kw)
       key = "accuracy" if r is None else f"accuracy_r{r}"
       row[key], row[key + "_ci"] = acc, _wilson(round(acc * examples), examples)
+      # per-character credit (mult's digits): progress that whole-answer exact match hides
+      row[key.replace("accuracy", "char_accuracy")] = float(np.mean(
+          [sum(a == b for a, b in zip(ans or "", g)) / len(g) for ans, g in zip(answers, gold)]))
     if cfg.family == "recurrent":
-      row["accuracy"], row["accuracy_ci"] = row[f"accuracy_r{cfg.model.iters_at_test}"], row[
-          f"accuracy_r{cfg.model.iters_at_test}_ci"]
+      r = cfg.model.iters_at_test
+      row["accuracy"], row["accuracy_ci"] = row[f"accuracy_r{r}"], row[f"accuracy_r{r}_ci"]
+      row["char_accuracy"] = row[f"char_accuracy_r{r}"]
     rows.append(row)
   return rows
 
