@@ -184,7 +184,8 @@ COCONUT_THOUGHTS = [
     memorises node identities does as well on it. **Selectivity** = accuracy - control accuracy is what the thought
     adds, with a 95% paired bootstrap interval over held-out questions. The same probe on a **randomly initialised**
     model of the same config is the other baseline, and `majority` is the chance level (most nodes are not in the
-    frontier).
+    frontier): a probe that always says "no" scores the majority rate, and its control can fall below that rate,
+    so read selectivity together with `above majority` (accuracy - majority, with its interval).
     """),
     code("""
     t = targets.targets(examples, lay)["frontier"]
@@ -206,13 +207,15 @@ COCONUT_THOUGHTS = [
           continue
         r = probes.probe(x[sel], t.label[sel], t.type[sel], t.example[sel], **fit)
         r_random = probes.probe(x_random[sel], t.label[sel], t.type[sel], t.example[sel], **fit)
-        keep = ("accuracy", "control_accuracy", "selectivity", "selectivity_ci", "majority", "n_test")
+        keep = ("accuracy", "control_accuracy", "selectivity", "selectivity_ci", "majority", "above_majority",
+                "above_majority_ci", "n_test")
         probe_table.setdefault(layer, {})[f"thought {k}"] = {**{q: r[q] for q in keep},
                                                               "random_accuracy": r_random["accuracy"]}
         lo, hi = r["selectivity_ci"]
         print(f"{layer:20s} thought {k}: accuracy {r['accuracy']:.3f}  control {r['control_accuracy']:.3f}  "
               f"selectivity {r['selectivity']:+.3f} [{lo:+.3f}, {hi:+.3f}]  majority {r['majority']:.3f}  "
-              f"random-init {r_random['accuracy']:.3f}")
+              f"above majority {r['above_majority']:+.3f} [{r['above_majority_ci'][0]:+.3f}, "
+              f"{r['above_majority_ci'][1]:+.3f}]  random-init {r_random['accuracy']:.3f}")
     """),
     code("""
     fig, ax = plt.subplots(figsize=(7, 3.2))
