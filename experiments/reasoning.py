@@ -192,13 +192,13 @@ def table(run_dirs, n=None, iters=(1, 2, 3, 4, 6, 8)):
     for line in open(os.path.join(run_dir, "metrics.jsonl")):
       rec = json.loads(line)
       last.update({k: v for k, v in rec.items() if k in ("flops", "eval_exact", "wall_s")})
-    examples = len(corpus.eval_examples()[:n])
+    gold = [ex.answer for ex in corpus.eval_examples()[:n]]
+    examples = len(gold)
     row = {"run": os.path.basename(os.path.normpath(run_dir)), "family": cfg.family, "task": corpus.layout.task,
            "mode": corpus.layout.mode, "size": corpus.layout.size, "depth": corpus.layout.depth,
            "params": archs.param_count(cfg.family, cfg.model), "step": int(step_), "train_flops": last.get("flops"),
            "wall_s": last.get("wall_s"), "seed": cfg.train.seed, "eval_exact": last.get("eval_exact"),
            "questions": examples}
-    gold = [ex.answer for ex in corpus.eval_examples()[:n]]
     for r in (iters if cfg.family == "recurrent" else [None]):
       kw = {} if r is None else {"iters": r}
       acc, answers = rt.generated_accuracy(family, model, corpus, n, **kw)

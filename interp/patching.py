@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from interp import capture
+from interp import capture, targets
 
 STEPPED = ("thoughts.", "core.", "steps.")  # prefixes of names with a leading step axis
 DIRECTIONS = ("denoise", "noise")
@@ -119,19 +119,6 @@ def heatmap(effects, path, title=None, xlabels=None):
   return path
 
 
-def _distances(edges, start):
-  """BFS from start: {node: distance} and {node: parent on a shortest path}."""
-  children, dist, parent, queue = {}, {start: 0}, {}, [start]
-  for a, b in edges:
-    children.setdefault(a, []).append(b)
-  for v in queue:
-    for c in children.get(v, []):
-      if c not in dist:
-        dist[c], parent[c] = dist[v] + 1, v
-        queue.append(c)
-  return dist, parent
-
-
 def reach_counterfactual(ex):
   """The reach example with its start node replaced by another node of the graph from which the distractor
   candidate is reachable and the answer is not: the answer flips, the question keeps its length (one byte
@@ -143,7 +130,7 @@ def reach_counterfactual(ex):
   edges = [tuple(e.split(">")) for e in m.group(1).split(",")]
   answer, distractor = ex.answer, ex.intermediates["distractor"]
   for node in sorted({v for e in edges for v in e} - {m.group(2)}):
-    dist, parent = _distances(edges, node)
+    dist, parent = targets.distances(edges, node)
     if distractor in dist and answer not in dist:
       path = [distractor]
       while path[-1] != node:

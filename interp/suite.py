@@ -132,13 +132,11 @@ def _monitor(task, recurrent_depth, tgts, grid, pooled, per_item):
                           "(faithfulness.implied_answer), else it differs from the full-chain answer"}
 
 
-
 def lens_trajectories(model, family_name, acts, items, examples, pos_index):
   """Logit lens at every layer and step position of `items` (a Target): the mean lens probability of the
   model's own final top-1 token there (`final_agreement`, how early the output forms), and for reach the mean
-  probability on the frontier nodes at step k (nodes reachable in k + 1 steps) against the
-  letters of nodes unreachable from the start (letters shared with the frontier left out), with the fraction
-  of items where the frontier gets more."""
+  probability on the frontier nodes at step k (nodes reachable in k + 1 steps) against the nodes unreachable
+  from the start, with the fraction of items where the frontier gets more."""
   import jax
 
   from interp import lens
@@ -191,8 +189,8 @@ def patching_heatmaps(model, family_name, lay, examples, seq_len, out_dir, n=16)
   _, tail, _ = rt.encode(pairs[0][0], lay.mode, pause=lay.pause, stage=lay.max_stage, thoughts=lay.thoughts,
                          max_stage=lay.max_stage)
   at = lay.prefix_len + tail.index(ord("#"))
-  good = np.array([ord(a.answer[0]) for a, _ in pairs])
-  bad = np.array([ord(a.intermediates["distractor"][0]) for a, _ in pairs])
+  good = np.array([ord(a.answer) for a, _ in pairs])  # one-letter nodes: the answer is one token
+  bad = np.array([ord(a.intermediates["distractor"]) for a, _ in pairs])
   metric = lambda out: patching.logit_diff(out, at, good, bad)
   if family_name == "recurrent":
     groups = {"core_state": ["core.state"]}

@@ -124,15 +124,21 @@ def batch(examples, lay, seq_len):
   return rt.encode_rows(examples, lay, seq_len, lay.max_stage)
 
 
+def distances(edges, start):
+  """BFS over (a, b) edges from start: {node: distance} and {node: parent on a shortest path}."""
+  children, dist, parent, queue = {}, {start: 0}, {}, [start]
+  for a, b in edges:
+    children.setdefault(a, []).append(b)
+  for v in queue:
+    for c in children.get(v, []):
+      if c not in dist:
+        dist[c], parent[c] = dist[v] + 1, v
+        queue.append(c)
+  return dist, parent
+
+
 def reachable(question):
   """(nodes reachable from the start, all nodes) of a reach question "a>b,...|start?c1/c2"."""
-  edges = [e.split(">") for e in question.split("|")[0].split(",")]
+  edges = [tuple(e.split(">")) for e in question.split("|")[0].split(",")]
   start = question.split("|")[1].split("?")[0]
-  seen, todo = {start}, [start]
-  while todo:
-    v = todo.pop()
-    for a, b in edges:
-      if a == v and b not in seen:
-        seen.add(b)
-        todo.append(b)
-  return seen, {x for e in edges for x in e}
+  return set(distances(edges, start)[0]), {x for e in edges for x in e}
