@@ -1,12 +1,13 @@
 """Latent reasoning on generated tasks: no-CoT, CoT, pause, filler, Coconut (with and without its curriculum)
 and recurrent depth, at matched parameters and matched training FLOPs.
 
-Tasks (train/reasoning_tasks.py): `reach` (ProsQA-like graph reachability, 24 nodes, paths of 2..5 steps) and
-`mult` (4 x 4 digit multiplication, reversed digits, iCoT steps). Variants are "<task>-<arch>" (a 256-wide
-model, 4000 CoT-baseline steps of 64 rows: a GPU run), each with a "-cpu" suffix (a 128-wide model, 3000 steps
-of 32 rows, reach on 12 nodes and paths of 2..3 steps, 4 x 4 digits: 10-15 minutes on a 2-core CPU) and a
-"-smoke" suffix (a 64-wide model, 200 steps of 16 rows, 3 x 3 digits: a couple of CPU minutes); "" is
-reach-coconut. Archs:
+Tasks (train/reasoning_tasks.py): `reach` (ProsQA-like graph reachability, 24 nodes, paths of 2..5 steps),
+`mult` (4 x 4 digit multiplication, reversed digits, iCoT steps) and `vartrack` (12 assignments, the queried
+variable at the end of a chain of 6: one hop per step, the shape recurrent depth's iterations fit). Variants
+are "<task>-<arch>" (a 256-wide model, 4000 CoT-baseline steps of 64 rows: a GPU run), each with a "-cpu"
+suffix (a 128-wide model, 3000 steps of 32 rows; reach on 12 nodes and paths of 2..3 steps, 4 x 4 digits,
+vartrack chains of 5 in 10 assignments: 10-15 minutes on a 2-core CPU) and a "-smoke" suffix (a 64-wide
+model, 200 steps of 16 rows, 3 x 3 digits, chains of 3: a couple of CPU minutes); "" is reach-coconut. Archs:
   nocot        question <bot><eot> answer
   cot          question <bot> steps <eot> answer (loss on the steps too)
   pause        question <bot> <pause> x k <eot> answer, k = Coconut's number of thoughts, no loss on pauses
@@ -21,10 +22,11 @@ The token-level baselines run as family "coconut" with thoughts=0, which is arch
 has the parameters of the same 4-block transformer (recurrent depth: MLP width matched for its adapter) and
 the CoT baseline's training FLOPs: steps = budget / FLOPs per step (Coconut's thought passes and the core's
 iterations cost more per step, so they take fewer steps). Read eval_exact (whole-answer exact match, see the
-loop) and eval_acc in metrics.jsonl; `python -m experiments.reasoning accuracy RUN` decodes greedily.
+loop) and eval_acc in metrics.jsonl.
 
 `python -m experiments.reasoning table RUN...` prints a JSON line per run: greedy accuracy with its 95% Wilson
-interval, per-character accuracy, parameters, steps, training FLOPs (recurrent depth: both at r = 1..8).
+interval, per-character accuracy, accuracy by the question's number of CoT steps, parameters, steps, training
+FLOPs (recurrent depth: all at r = 1..8).
 `python -m experiments.reasoning cost [task] [--smoke]` times one training step of CoT, Coconut (recomputing and
 cached) and recurrent depth on this machine.
 """
@@ -37,7 +39,7 @@ from archs import coconut, recurrent
 from train import reasoning_tasks as rt
 from train.config import Config, DataConfig, TrainConfig, check_variant
 
-TASKS = ("reach", "mult")
+TASKS = ("reach", "mult", "vartrack")
 ARCHS = ("nocot", "cot", "pause", "filler", "coconut", "coconut-nocurriculum", "recurrent")
 SCALES = {  # suffix: (model width, batch, CoT-baseline steps, peak lr)
     "": (dict(d_model=256, n_heads=4), 64, 4000, 1e-3),
@@ -54,7 +56,10 @@ def task_data(task, scale, mode="cot", **kw):
            ("reach", "smoke"): dict(task_size=12, task_depth=3, task_thoughts=1),
            ("mult", ""): dict(task_size=4, task_thoughts=2),
            ("mult", "cpu"): dict(task_size=4, task_thoughts=2),
-           ("mult", "smoke"): dict(task_size=3, task_thoughts=1)}[(task, scale)]
+           ("mult", "smoke"): dict(task_size=3, task_thoughts=1),
+           ("vartrack", ""): dict(task_size=12, task_depth=6, task_thoughts=1),
+           ("vartrack", "cpu"): dict(task_size=10, task_depth=5, task_thoughts=1),
+           ("vartrack", "smoke"): dict(task_size=8, task_depth=3, task_thoughts=1)}[(task, scale)]
   data = DataConfig(dataset=task, task_mode=mode, eval_examples={"": 1024, "cpu": 512, "smoke": 128}[scale],
                     seq_len=4096, **knobs)
   # One window for every mode of the task (the longest), so every variant sees the same tokens per step.
@@ -151,19 +156,6 @@ def measure_cost(task="reach", smoke=False, batch=16, repeats=5):
   return out
 
 
-def accuracy(run_dir, n=None, iters=None):
-  """Greedy-decoding answer accuracy of a finished run on its eval examples (recurrent: at each r in iters)."""
-  from flax import nnx
-
-  from train import loop
-  cfg, family, corpus, graphdef, state, _, step_ = loop.load_run(run_dir)
-  model = nnx.merge(graphdef, state["params"], state["rest"])
-  if cfg.family != "recurrent":
-    return {"step": step_, "accuracy": rt.generated_accuracy(family, model, corpus, n)[0]}
-  return {"step": step_, **{f"accuracy_r{r}": rt.generated_accuracy(family, model, corpus, n, iters=r)[0]
-                            for r in (iters or [cfg.model.iters_at_test])}}
-
-
 def _wilson(k, n, z=1.96):
   """95% Wilson score interval of a binomial proportion k / n."""
   if n == 0:
@@ -193,6 +185,7 @@ def table(run_dirs, n=None, iters=(1, 2, 3, 4, 6, 8)):
       rec = json.loads(line)
       last.update({k: v for k, v in rec.items() if k in ("flops", "eval_exact", "wall_s")})
     gold = [ex.answer for ex in corpus.eval_examples()[:n]]
+    hops = np.array([len(ex.steps) for ex in corpus.eval_examples()[:n]])
     examples = len(gold)
     row = {"run": os.path.basename(os.path.normpath(run_dir)), "family": cfg.family, "task": corpus.layout.task,
            "mode": corpus.layout.mode, "size": corpus.layout.size, "depth": corpus.layout.depth,
@@ -204,6 +197,9 @@ def table(run_dirs, n=None, iters=(1, 2, 3, 4, 6, 8)):
       acc, answers = rt.generated_accuracy(family, model, corpus, n, **kw)
       key = "accuracy" if r is None else f"accuracy_r{r}"
       row[key], row[key + "_ci"] = acc, _wilson(round(acc * examples), examples)
+      if len(set(hops)) > 1:  # accuracy by the question's number of CoT steps (reach path / vartrack chain)
+        right = np.array([a == g for a, g in zip(answers, gold)])
+        row[key + "_by_steps"] = {int(k): float(right[hops == k].mean()) for k in sorted(set(hops))}
       # per-character credit (mult's digits): progress that whole-answer exact match hides
       row[key.replace("accuracy", "char_accuracy")] = float(np.mean(
           [sum(a == b for a, b in zip(ans or "", g)) / len(g) for ans, g in zip(answers, gold)]))
@@ -219,9 +215,6 @@ if __name__ == "__main__":
   import json
   if len(sys.argv) >= 2 and sys.argv[1] == "cost":
     print(json.dumps(measure_cost(*(sys.argv[2:3] or ["reach"]), smoke="--smoke" in sys.argv), indent=1))
-  elif len(sys.argv) >= 3 and sys.argv[1] == "accuracy":
-    rs = [int(r) for r in sys.argv[3].split(",")] if len(sys.argv) > 3 else None
-    print(json.dumps(accuracy(sys.argv[2], iters=rs), indent=1))
   elif len(sys.argv) >= 3 and sys.argv[1] == "table":
     for row in table(sys.argv[2:]):
       print(json.dumps(row))

@@ -340,3 +340,26 @@ def test_loss_falls_through_the_loop(tmp_path, family):
   losses = [l["loss"] for l in metrics.read_jsonl(tmp_path / "metrics.jsonl") if "loss" in l]
   assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 1.0, losses
   assert np.isfinite(result["eval_loss"])
+
+
+@pytest.mark.parametrize("scale", ["cpu", "smoke"])
+def test_experiment_variants_match_params_and_training_flops(scale):
+  # experiments/reasoning.py compares architectures at the CoT baseline's parameters and training FLOPs:
+  # every variant of a task must land within 4% of its parameters (recurrent depth matches them by its MLP
+  # width in steps of 32, ~7% of the 64-wide smoke model per step) and within one of its steps of its budget.
+  import archs
+  from experiments import reasoning
+  for task in reasoning.TASKS:
+    def params_and_flops(arch):
+      cfg = reasoning.get_config(f"{task}-{arch}-{scale}")
+      model = dataclasses.replace(cfg.model, vocab_size=262)
+      if cfg.family == "coconut":
+        model = dataclasses.replace(model, **IDS)
+      family = archs.get_family(cfg.family)
+      per_step = family.flops_per_token(model, cfg.data.seq_len) * cfg.data.seq_len * cfg.train.batch_size
+      return archs.param_count(cfg.family, model), per_step, cfg.train.steps
+    params0, per_step0, steps0 = params_and_flops("cot")
+    for arch in reasoning.ARCHS:
+      params, per_step, steps = params_and_flops(arch)
+      assert abs(params / params0 - 1) < 0.04, (task, arch, params, params0)
+      assert abs(steps * per_step - steps0 * per_step0) <= per_step, (task, arch, steps, per_step)

@@ -16,7 +16,7 @@ Each example carries its question, its chain-of-thought steps, the answer and gr
            of Deng et al. (2023): the partial products a * b_j * 10^(j-1), each with the running sum after it
            ("+pp(sum)"), the last one without (its sum is the answer). Intermediates: running-sum digits.
 `vartrack` Single assignments over `size` one-letter variables ("a=3", "b=a", "c=b+2", "d=c-7", arithmetic
-           mod 10), the queried variable at the end of a chain of `depth` assignments, other chains as
+           mod 10), the queried variable at the end of a chain of 1..`depth` assignments (uniform), other chains as
            distractors; "?c". CoT: the chain's values in order ("a=3,"); intermediates: every variable's value
            in assignment order.
 
@@ -224,7 +224,8 @@ def vartrack(rng, size=12, depth=4):
   if not 1 <= depth <= size <= 26:
     raise ValueError(f"vartrack: need 1 <= depth={depth} <= size={size} <= 26")
   names = [LETTERS[i] for i in rng.choice(26, size=size, replace=False)]
-  chain, others = names[:depth], names[depth:]
+  d = int(rng.integers(1, depth + 1))  # the queried chain's length: one hop per step, up to depth
+  chain, others = names[:d], names[d:]
   values, statements, order = {}, [], []
   i = j = 0
 

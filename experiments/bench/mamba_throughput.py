@@ -7,8 +7,11 @@ A step is forward + backward + clip + update. Rounds alternate the runners (orde
 and the median round is reported; the last line has ratio = altbench tokens/s / torch tokens/s. Like HF's,
 the `altbench` batch has one document per row (no segment ids); `altbench_packed` adds the segment ids the
 training loop feeds packed documents with (the conv and the scan then mask across document boundaries).
+`matmuls_jax` and `matmuls_torch` time the step's dense matmuls alone (every projection and the head,
+forward and both backward products, the same shapes): the floor each framework's step sits on, so the
+report shows how much of a step is the scan and the elementwise work around it.
 
-  python experiments/bench/mamba_throughput.py --steps 5 --repeats 5 [--out FILE]
+  altbench bench mamba_throughput --steps 5 --repeats 5 [--out FILE]
 """
 
 import argparse
@@ -81,6 +84,36 @@ def torch_runner(tokens):
   return run, sum(p.numel() for p in model.parameters())
 
 
+def matmul_runner(batch, length, use_torch):
+  """The step's dense matmuls (in_proj, out_proj per layer, the head): x @ W forward, dx and dW backward."""
+  di = 2 * D
+  shapes = [(D, 2 * di + 2 * STATE + di // HEADDIM), (di, D)] * LAYERS + [(D, VOCAB)]
+  rng = np.random.default_rng(0)
+  xs = [rng.standard_normal((batch * length, k), np.float32) for k, _ in shapes]
+  ws = [0.02 * rng.standard_normal(s, np.float32) for s in shapes]
+  cts = [rng.standard_normal((batch * length, n), np.float32) for _, n in shapes]
+  flops = 6 * batch * length * sum(k * n for k, n in shapes)
+  if use_torch:
+    import torch
+    xs, ws = ([torch.tensor(a, requires_grad=True) for a in group] for group in (xs, ws))
+    cts = [torch.tensor(a) for a in cts]
+
+    def run(n):
+      for _ in range(n):
+        torch.autograd.backward([x @ w for x, w in zip(xs, ws)], cts)
+      return 0.0
+  else:
+    xs, ws, cts = ([jnp.asarray(a) for a in group] for group in (xs, ws, cts))
+    grads = jax.jit(jax.grad(lambda xs, ws: sum(jnp.vdot(x @ w, ct) for x, w, ct in zip(xs, ws, cts)), (0, 1)))
+
+    def run(n):
+      for _ in range(n):
+        out = grads(xs, ws)
+      jax.block_until_ready(out)
+      return 0.0
+  return run, flops
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=5)
@@ -93,7 +126,9 @@ def main():
   torch.set_num_threads(os.cpu_count())
   tokens = np.random.default_rng(0).integers(0, VOCAB, (args.batch, args.length + 1))
   runners = {"altbench": altbench_runner(tokens), "hf_torch": torch_runner(tokens),
-             "altbench_packed": altbench_runner(tokens, packed=True)}
+             "altbench_packed": altbench_runner(tokens, packed=True),
+             "matmuls_jax": matmul_runner(args.batch, args.length, False),
+             "matmuls_torch": matmul_runner(args.batch, args.length, True)}
   first = {name: run(1) for name, (run, _) in runners.items()}  # compile / warm up
   times = {name: [] for name in runners}
   for r in range(args.repeats):
@@ -103,14 +138,21 @@ def main():
       times[name].append((time.perf_counter() - t0) / args.steps)
   device = f"cpu x{os.cpu_count()} ({platform.processor() or platform.machine()})"
   lines = []
-  for name, (_, params) in runners.items():
-    step_s = statistics.median(times[name])
-    lines.append({"bench": "mamba_throughput", "impl": name, "tokens_per_s": round(args.batch * args.length / step_s, 1),
-                  "step_ms": round(1e3 * step_s, 2), "params": int(params), "loss_first": round(first[name], 4),
-                  "ln_vocab": round(math.log(VOCAB), 4), "device": device, "jax": jax.__version__,
-                  "torch": torch.__version__})
-  lines.append({"bench": "mamba_throughput", "ratio": round(lines[0]["tokens_per_s"] / lines[1]["tokens_per_s"], 3),
-                "ratio_packed": round(lines[2]["tokens_per_s"] / lines[1]["tokens_per_s"], 3),
+  step_ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+  for name, (_, size) in runners.items():
+    line = {"bench": "mamba_throughput", "impl": name, "step_ms": round(step_ms[name], 2)}
+    if name.startswith("matmuls"):
+      line["gflop_per_s"] = round(size / step_ms[name] / 1e6, 1)
+    else:
+      line.update({"tokens_per_s": round(args.batch * args.length / step_ms[name] * 1e3, 1), "params": int(size),
+                   "loss_first": round(first[name], 4), "ln_vocab": round(math.log(VOCAB), 4)})
+    lines.append({**line, "device": device, "jax": jax.__version__, "torch": torch.__version__})
+  lines.append({"bench": "mamba_throughput", "ratio": round(step_ms["hf_torch"] / step_ms["altbench"], 3),
+                "ratio_packed": round(step_ms["hf_torch"] / step_ms["altbench_packed"], 3),
+                # the ratio if altbench's step were its matmuls and nothing else
+                "ratio_at_matmul_floor": round(step_ms["hf_torch"] / step_ms["matmuls_jax"], 3),
+                "altbench_beyond_matmuls_ms": round(step_ms["altbench"] - step_ms["matmuls_jax"], 1),
+                "hf_beyond_matmuls_ms": round(step_ms["hf_torch"] - step_ms["matmuls_torch"], 1),
                 "target": ">= 2 on a 2-core CPU"})
   for line in lines:
     print(json.dumps(line), flush=True)
