@@ -21,7 +21,6 @@ Implementations (``impl=``):
   The environment variable ALTBENCH_ATTENTION_AUTO=xla (or =pallas) overrides the choice.
 """
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -144,10 +143,8 @@ def attention(q, k, v, *, causal, segment_ids=None, softmax_scale=None, mask=Non
 
 
 def _auto_impl(q_shape, k_shape, mask):
-  forced = os.environ.get("ALTBENCH_ATTENTION_AUTO", "")
+  forced = tuning.forced_impl("ALTBENCH_ATTENTION_AUTO")
   if forced:
-    if forced not in ("xla", "pallas", "reference"):
-      raise ValueError(f"ALTBENCH_ATTENTION_AUTO={forced!r}: expected xla, pallas or reference")
     return forced
   if (_flash.backend_target() is not None and jax.device_count() == 1 and q_shape[1] >= AUTO_PALLAS_MIN_Q_LEN
       and _flash.supported(q_shape, k_shape, mask=mask)):

@@ -59,7 +59,6 @@ never evaluating an ``exp`` that could overflow, even in a branch that a
 import functools
 import math
 import numbers
-import os
 
 import jax
 import jax.numpy as jnp
@@ -181,10 +180,8 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states
 
 def _auto_impl(x_shape, B_shape, dtype):
   """What impl="auto" runs: pallas on one TPU where supported, else xla (see module docstring)."""
-  forced = os.environ.get("ALTBENCH_SSD_AUTO", "")
+  forced = tuning.forced_impl("ALTBENCH_SSD_AUTO")
   if forced:
-    if forced not in ("xla", "pallas", "reference"):
-      raise ValueError(f"ALTBENCH_SSD_AUTO={forced!r}: expected xla, pallas or reference")
     return forced
   from kernels import ssd_pallas
   if (ssd_pallas.backend_target() in AUTO_PALLAS_TARGETS and jax.device_count() == 1

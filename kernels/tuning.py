@@ -30,6 +30,15 @@ DEFAULT_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned_
 _cache = {}
 
 
+def forced_impl(variable):
+  """The impl an environment variable (ALTBENCH_ATTENTION_AUTO, ALTBENCH_SSD_AUTO) forces on impl="auto",
+  or "" where it is unset."""
+  forced = os.environ.get(variable, "")
+  if forced and forced not in ("xla", "pallas", "reference"):
+    raise ValueError(f"{variable}={forced!r}: expected xla, pallas or reference")
+  return forced
+
+
 def table_path():
   return os.environ.get(TABLE_ENV) or DEFAULT_TABLE
 

@@ -98,3 +98,13 @@ def test_tune_command_writes_the_measured_choice(table, capsys):
     first_ok = next(l for l in mine if l["ms"] <= best * 1.03)
     assert summary["chosen"] == first_ok["params"]
   assert json.load(open(table)) == chosen and len(chosen) == 2
+
+
+def test_forced_impl_names_the_variable_and_the_valid_values(monkeypatch):
+  monkeypatch.setenv("ALTBENCH_SSD_AUTO", "triton")
+  with pytest.raises(ValueError, match=r"ALTBENCH_SSD_AUTO='triton'.*xla, pallas or reference"):
+    tuning.forced_impl("ALTBENCH_SSD_AUTO")
+  monkeypatch.setenv("ALTBENCH_SSD_AUTO", "reference")
+  assert tuning.forced_impl("ALTBENCH_SSD_AUTO") == "reference"
+  monkeypatch.delenv("ALTBENCH_SSD_AUTO")
+  assert tuning.forced_impl("ALTBENCH_SSD_AUTO") == ""
