@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import archs
-from archs import coconut, diffusion, recurrent
+from archs import blt, coconut, diffusion, lm, megabyte, recurrent
 from conftest import ROOT, replace, tiny_config
 from train import arena, ledger, leaderboard, loop, metrics
 from train import reasoning_tasks as rt
@@ -214,8 +214,6 @@ def test_cli_refuses_a_bad_arena(tmp_path, capsys):
 # ----------------------------------------------------------------------------- analytic FLOPs vs XLA
 
 # lm, megabyte and blt are checked in their own test files; the cases below cover the rest of the registry.
-ELSEWHERE = {"lm": "tests/test_lm.py, tests/test_mamba2.py", "megabyte": "tests/test_bytes.py",
-             "blt": "tests/test_bytes.py"}
 WIDE = dict(d_model=128, n_heads=2, vocab_size=262)
 
 
@@ -234,8 +232,16 @@ def _reach_batch(b, l, mode):
 def _cases():
   """family -> (model cfg, batch, seq_len, tolerance on XLA / analytic - 1)."""
   lay = rt.layout(_reach_batch(1, 64, "coconut")[1])
+  byte_parts = dict(vocab_size=262, d_model=256, n_heads=4, pattern="AA", d_local=128, local_heads=4)
   return {
       # Matmuls dominate: XLA's count adds the elementwise work (softmax, norms, the masking of the NELBO).
+      "lm": (lm.Config(pattern="AA", vocab_size=262, d_model=256, n_heads=4), _text_batch(4, 128), 128, 0.1),
+      # the SSD's chunk-local quadratic form and the elementwise work around it: within 25%
+      "lm-mamba": (lm.Config(pattern="MM", vocab_size=262, d_model=256, n_heads=4, d_state=64, ssm_headdim=64,
+                             chunk_size=64, mlp=False), _text_batch(2, 256), 256, 0.25),
+      "megabyte": (megabyte.Config(**byte_parts, local_pattern="AA", patch_size=8), _text_batch(2, 128), 128, 0.1),
+      "blt": (blt.Config(**byte_parts, encoder_pattern="A", decoder_pattern="AA", patcher="space", min_mean_patch=4,
+                         hash_buckets=256), _text_batch(2, 128), 128, 0.1),
       "diffusion": (diffusion.Config(pattern="A", **WIDE, mask_id=258, eos_id=256), _text_batch(2, 128), 128, 0.1),
       "diffusion-bd3": (diffusion.Config(pattern="A", **WIDE, mask_id=258, eos_id=256, block_size=16), _text_batch(2, 128),
                         128, 0.1),
@@ -250,11 +256,13 @@ def _cases():
 
 
 def test_every_registered_family_has_a_flops_check():
-  covered = set(ELSEWHERE) | {name.split("-")[0] for name in _cases()}
+  covered = {name.split("-")[0] for name in _cases()}
   assert covered == set(archs.FAMILIES), f"add a FLOPs case for {sorted(set(archs.FAMILIES) - covered)}"
 
 
-@pytest.mark.parametrize("case", ["diffusion", "diffusion-bd3", "coconut", "recurrent"])
+@pytest.mark.parametrize("case", ["lm", "lm-mamba", "diffusion", "diffusion-bd3", "coconut", "recurrent",
+                                  pytest.param("megabyte", marks=pytest.mark.slow),
+                                  pytest.param("blt", marks=pytest.mark.slow)])
 def test_analytic_flops_match_xla_cost_analysis(case):
   from train import step
   family = archs.get_family(case.split("-")[0])

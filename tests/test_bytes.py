@@ -329,29 +329,3 @@ def test_compressors_bits_per_byte(tmp_path):
   assert n == 4096 and 0 < bpb["gzip -9"] < 8
   lines = report.compressor_table([cfg, cfg])
   assert sum("gzip -9" in line for line in lines) == 1 and "Compressors (not models)" in "\n".join(lines)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("family", ["megabyte", "blt"])
-def test_analytic_flops_match_xla_cost_analysis(family):
-  # Matmuls dominate at this width: XLA's count (which adds elementwise work) is within ~6% (1.06, 1.04 measured).
-  from train import step
-  from train.config import TrainConfig
-  parts = dict(vocab_size=V, d_model=256, n_heads=4, pattern="AA", d_local=128, local_heads=4)
-  if family == "megabyte":
-    mod, cfg = megabyte, megabyte.Config(**parts, local_pattern="AA", patch_size=8)
-  else:
-    mod, cfg = blt, blt.Config(**parts, encoder_pattern="A", decoder_pattern="AA", patcher="space",
-                               min_mean_patch=4, hash_buckets=256)
-  tcfg = TrainConfig(steps=10)
-  tx = step.make_optimizer(tcfg)
-  graphdef, state = step.init_state(mod, cfg, tx, 0)
-  b, l = 2, 128
-  x = jax.random.randint(jax.random.key(0), (1, b, l), 0, 256)
-  batch = {"inputs": x, "targets": x, "segment_ids": jnp.zeros_like(x), "loss_mask": jnp.ones_like(x),
-           "nbytes": jnp.ones_like(x)}
-  cost = jax.jit(step.make_train_step(mod, graphdef, tx, tcfg)).lower(state, batch, jax.random.key(0)).compile()
-  cost = cost.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  analytic = mod.flops_per_token(cfg, l) * b * l
-  assert abs(cost["flops"] / analytic - 1) < 0.1, (cost["flops"], analytic)
