@@ -116,3 +116,25 @@ def test_resume_with_other_config_is_refused(tmp_path):
   with pytest.raises(ConfigError, match="model.d_model"):
     loop.train(replace(tiny_config(steps=2), model={"d_model": 48}), str(tmp_path), log=quiet)
   assert open(tmp_path / "metrics.jsonl").read() == before
+
+
+def test_fixed_batch_runner_trains_the_real_step():
+  # The benchmarks' runner: n steps on one batch are the training step, so the loss on that batch falls
+  # (it memorises it) and the parameter count is the family's.
+  import dataclasses
+
+  import jax.numpy as jnp
+
+  import archs
+  from archs import lm
+  from train import step
+  cfg = tiny_config()
+  model = dataclasses.replace(cfg.model, vocab_size=64)
+  x = jnp.asarray(np.random.default_rng(0).integers(0, 64, (1, 4, 17)), jnp.int32)
+  batch = {"inputs": x[..., :-1], "targets": x[..., 1:], "loss_mask": jnp.ones_like(x[..., 1:]),
+           "nbytes": jnp.ones_like(x[..., 1:])}
+  run, params = step.fixed_batch_runner(lm, model, dataclasses.replace(cfg.train, steps=10**6, warmup_steps=0), batch)
+  first = run(1)
+  assert abs(first - np.log(64)) < 0.3, first
+  assert run(30) < first - 1.0
+  assert params == archs.param_count("lm", model)

@@ -71,3 +71,20 @@ def make_eval_step(family, graphdef):
   def evaluate(params, rest, batch, rng):
     return loss(nnx.merge(graphdef, params, rest), batch, rng)[1]
   return evaluate
+
+
+def fixed_batch_runner(family, model_cfg, tcfg, batch, seed=0):
+  """For benchmarks: (run, parameter count), where run(n) takes n jitted training steps (state donated) on one
+  fixed batch and returns the last loss, blocking until it is computed."""
+  tx = make_optimizer(tcfg)
+  graphdef, state = init_state(family, model_cfg, tx, seed)
+  fn = jax.jit(make_train_step(family, graphdef, tx, tcfg), donate_argnums=0)
+  box = {"state": state}
+
+  def run(n):
+    out = None
+    for i in range(n):
+      box["state"], out = fn(box["state"], batch, jax.random.key(i))
+    return float(jax.block_until_ready(out["loss"]))
+
+  return run, sum(v.size for v in jax.tree.leaves(state["params"]))

@@ -51,21 +51,10 @@ def peak_tflops(kind):
 
 def runner(cfg, batch, length, seed=0):
   tcfg = TrainConfig(steps=10**9, warmup_steps=0, lr=3e-4)
-  tx = train_step.make_optimizer(tcfg)
-  graphdef, state = train_step.init_state(lm, cfg, tx, seed)
-  fn = jax.jit(train_step.make_train_step(lm, graphdef, tx, tcfg), donate_argnums=0)
   x = jnp.asarray(np.random.default_rng(seed).integers(0, cfg.vocab_size, (1, batch, length + 1)), jnp.int32)
   data = {"inputs": x[..., :-1], "targets": x[..., 1:], "segment_ids": jnp.ones_like(x[..., 1:]),
           "loss_mask": jnp.ones_like(x[..., 1:]), "nbytes": jnp.ones_like(x[..., 1:])}
-  box = {"state": state}
-
-  def run(n):
-    out = None
-    for i in range(n):
-      box["state"], out = fn(box["state"], data, jax.random.key(i))
-    return float(jax.block_until_ready(out["loss"]))
-
-  return run, sum(v.size for v in jax.tree.leaves(state["params"]))
+  return train_step.fixed_batch_runner(lm, cfg, tcfg, data, seed)
 
 
 def main(argv=None):

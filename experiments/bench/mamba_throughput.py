@@ -37,23 +37,12 @@ def altbench_runner(tokens, packed=False):
   cfg = lm.Config(pattern="M" * LAYERS, mlp=False, d_model=D, d_state=STATE, ssm_headdim=HEADDIM, chunk_size=CHUNK,
                   vocab_size=VOCAB, n_heads=4, norm_eps=1e-5)
   tcfg = TrainConfig(steps=10**9, warmup_steps=0, lr=1e-3, b1=0.9, b2=0.95, weight_decay=0.1, grad_clip=1.0)
-  tx = train_step.make_optimizer(tcfg)
-  graphdef, state = train_step.init_state(lm, cfg, tx, 0)
-  fn = jax.jit(train_step.make_train_step(lm, graphdef, tx, tcfg), donate_argnums=0)
   x = jnp.asarray(tokens)
   batch = {"inputs": x[None, :, :-1], "targets": x[None, :, 1:], "loss_mask": jnp.ones_like(x[None, :, 1:]),
            "nbytes": jnp.ones_like(x[None, :, 1:])}
   if packed:
     batch["segment_ids"] = jnp.ones_like(x[None, :, 1:])
-  box = {"state": state}
-
-  def run(n):
-    out = None
-    for i in range(n):
-      box["state"], out = fn(box["state"], batch, jax.random.key(i))
-    return float(jax.block_until_ready(out["loss"]))
-
-  return run, sum(v.size for v in jax.tree.leaves(state["params"]))
+  return train_step.fixed_batch_runner(lm, cfg, tcfg, batch)
 
 
 def torch_runner(tokens):
