@@ -192,7 +192,8 @@ def table(run_dirs, n=None, iters=(1, 2, 3, 4, 6, 8)):
            "params": archs.param_count(cfg.family, cfg.model), "step": int(step_), "train_flops": last.get("flops"),
            "wall_s": last.get("wall_s"), "seed": cfg.train.seed, "eval_exact": last.get("eval_exact"),
            "questions": examples}
-    for r in (iters if cfg.family == "recurrent" else [None]):
+    # recurrent depth: every r of `iters` and the r the model tests at by default
+    for r in (sorted({*iters, cfg.model.iters_at_test}) if cfg.family == "recurrent" else [None]):
       kw = {} if r is None else {"iters": r}
       acc, answers = rt.generated_accuracy(family, model, corpus, n, **kw)
       key = "accuracy" if r is None else f"accuracy_r{r}"
