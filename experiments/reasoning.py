@@ -3,11 +3,11 @@ and recurrent depth, at matched parameters and matched training FLOPs.
 
 Tasks (train/reasoning_tasks.py): `reach` (ProsQA-like graph reachability, 24 nodes, paths of 2..5 steps),
 `mult` (4 x 4 digit multiplication, reversed digits, iCoT steps) and `vartrack` (12 assignments, the queried
-variable at the end of a chain of 6: one hop per step, the shape recurrent depth's iterations fit). Variants
+variable at the end of a chain of 1..6: one hop per step, the shape recurrent depth's iterations fit). Variants
 are "<task>-<arch>" (a 256-wide model, 4000 CoT-baseline steps of 64 rows: a GPU run), each with a "-cpu"
 suffix (a 128-wide model, 3000 steps of 32 rows; reach on 12 nodes and paths of 2..3 steps, 4 x 4 digits,
-vartrack chains of 5 in 10 assignments: 10-15 minutes on a 2-core CPU) and a "-smoke" suffix (a 64-wide
-model, 200 steps of 16 rows, 3 x 3 digits, chains of 3: a couple of CPU minutes); "" is reach-coconut. Archs:
+vartrack chains of 1..5 in 10 assignments: 10-15 minutes on a 2-core CPU) and a "-smoke" suffix (a 64-wide
+model, 200 steps of 16 rows, 3 x 3 digits, chains of 1..3: a couple of CPU minutes); "" is reach-coconut. Archs:
   nocot        question <bot><eot> answer
   cot          question <bot> steps <eot> answer (loss on the steps too)
   pause        question <bot> <pause> x k <eot> answer, k = Coconut's number of thoughts, no loss on pauses
