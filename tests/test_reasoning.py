@@ -70,7 +70,9 @@ def test_intermediates_are_the_ground_truth():
     a, b = (int(x[::-1]) for x in ex.question.split("*"))
     sums = [int("".join(map(str, d))[::-1]) for d in ex.intermediates["running_sum_digits"]]
     assert sums == [a * (b % 10 ** j) for j in range(1, len(sums) + 1)]
-  for ex in rt.ReasoningCorpus(_data("vartrack")).eval_examples():
+  vartrack = rt.ReasoningCorpus(_data("vartrack", eval_examples=64)).eval_examples()
+  assert {len(ex.steps) for ex in vartrack} == {1, 2, 3}  # chains of every length up to task_depth=3
+  for ex in vartrack:
     env = {}
     for stmt in ex.question.split("?")[0].split(","):
       var, expr = stmt.split("=")
