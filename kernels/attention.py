@@ -21,7 +21,6 @@ Implementations (``impl=``):
   The environment variable ALTBENCH_ATTENTION_AUTO=xla (or =pallas) overrides the choice.
 """
 
-
 import jax
 import jax.numpy as jnp
 from einops import einsum, rearrange

@@ -89,6 +89,8 @@ def matmul_runner(batch, length, use_torch):
 
     def run(n):
       for _ in range(n):
+        for t in xs + ws:
+          t.grad = None  # fresh gradients, as jax's: no accumulation into the last step's
         torch.autograd.backward([x @ w for x, w in zip(xs, ws)], cts)
       return 0.0
   else:
