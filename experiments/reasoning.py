@@ -117,11 +117,11 @@ def measure_cost(task="reach", smoke=False, batch=16, repeats=5):
   sequence per thought, Coconut decoding thoughts from the prefix cache, and recurrent depth."""
   import time
 
-  import jax
+  import jax.numpy as jnp
   import numpy as np
 
   from train import step
-  out, fns = {}, {}
+  out, runs = {}, {}
   for label, variant in (("cot", f"{task}-cot"), ("coconut-recompute", f"{task}-coconut"),
                          ("coconut-cached", f"{task}-coconut"), ("recurrent", f"{task}-recurrent")):
     cfg = get_config(variant + ("-smoke" if smoke else ""))
@@ -132,23 +132,19 @@ def measure_cost(task="reach", smoke=False, batch=16, repeats=5):
       model = dataclasses.replace(model, prefix_len=0)
     data = dataclasses.replace(cfg.data, task_stage=-1, task_stage_steps=0)  # coconut: the final stage
     family = archs.get_family(cfg.family)
-    tcfg = dataclasses.replace(cfg.train, batch_size=batch)
-    tx = step.make_optimizer(tcfg)
-    graphdef, state = step.init_state(family, model, tx, 0)
     corpus = rt.ReasoningCorpus(dataclasses.replace(data, eval_examples=1))
-    b = {k: v[None] for k, v in corpus.train_batch(0, 0, batch, data.seq_len).items()}
-    fn = jax.jit(step.make_train_step(family, graphdef, tx, tcfg))
+    b = {k: jnp.asarray(v)[None] for k, v in corpus.train_batch(0, 0, batch, data.seq_len).items()}
+    run, _ = step.fixed_batch_runner(family, model, dataclasses.replace(cfg.train, batch_size=batch), b)
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(state, b, jax.random.key(0)))
-    fns[label] = (fn, state, b, time.perf_counter() - t0,
-                  family.flops_per_token(model, data.seq_len) * batch * data.seq_len)
-  times = {k: [] for k in fns}
+    run(1)
+    runs[label] = (run, time.perf_counter() - t0, family.flops_per_token(model, data.seq_len) * batch * data.seq_len)
+  times = {k: [] for k in runs}
   for _ in range(repeats):
-    for label, (fn, state, b, _, _) in fns.items():
+    for label, (run, _, _) in runs.items():
       t0 = time.perf_counter()
-      jax.block_until_ready(fn(state, b, jax.random.key(1)))
+      run(1)
       times[label].append(time.perf_counter() - t0)
-  for label, (_, _, _, compile_s, flops) in fns.items():
+  for label, (_, compile_s, flops) in runs.items():
     out[label] = {"step_s": float(np.median(times[label])), "compile_s": compile_s, "analytic_flops": flops}
   base = out["cot"]["step_s"]
   for v in out.values():
@@ -184,8 +180,9 @@ def table(run_dirs, n=None, iters=(1, 2, 3, 4, 6, 8)):
     for line in open(os.path.join(run_dir, "metrics.jsonl")):
       rec = json.loads(line)
       last.update({k: v for k, v in rec.items() if k in ("flops", "eval_exact", "wall_s")})
-    gold = [ex.answer for ex in corpus.eval_examples()[:n]]
-    hops = np.array([len(ex.steps) for ex in corpus.eval_examples()[:n]])
+    questions = corpus.eval_examples()[:n]
+    gold = [ex.answer for ex in questions]
+    hops = np.array([len(ex.steps) for ex in questions])
     examples = len(gold)
     row = {"run": os.path.basename(os.path.normpath(run_dir)), "family": cfg.family, "task": corpus.layout.task,
            "mode": corpus.layout.mode, "size": corpus.layout.size, "depth": corpus.layout.depth,
