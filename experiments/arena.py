@@ -18,11 +18,10 @@ of a GPT-2-small-shaped byte transformer, d 768 x 12 layers, 85M parameters, whi
 """
 
 import dataclasses
-import importlib.util
 import os
 
 from train import arena
-from train.config import Config, DataConfig, TrainConfig, check_variant
+from train.config import Config, DataConfig, TrainConfig, check_variant, load_module
 
 VARIANTS = ("", "smoke", "cpu", "gpu")
 SIZES = {  # the text group's widths (every family at this width; Mamba-2 hybrids matched in parameters)
@@ -43,11 +42,7 @@ DECODE = {"smoke": dict(decode_contexts=(64, 256), decode_steps=4, reasoning_exa
 
 def _experiment(name):
   """experiments/<name>.py as a module, loaded when an entry is built (a broken family fails only its entries)."""
-  spec = importlib.util.spec_from_file_location(f"altbench_exp_{name}", os.path.join(os.path.dirname(__file__),
-                                                                                      f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_module(os.path.join(os.path.dirname(__file__), f"{name}.py"))
 
 
 def text_config(family, model, s, tokenizer="bytes", eval_repeats=1):

@@ -19,19 +19,15 @@ where FLOPs are each family's analytic training FLOPs (BLT's include the frozen 
 """
 
 import dataclasses
-import importlib.util
 import json
 import os
 import warnings
 
 import archs
 from archs import blt, lm, megabyte
-from train.config import Config, DataConfig, TrainConfig, check_variant
+from train.config import Config, DataConfig, TrainConfig, check_variant, load_module
 
-_spec = importlib.util.spec_from_file_location("altbench_exp_mamba",
-                                               os.path.join(os.path.dirname(__file__), "mamba.py"))
-mamba = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(mamba)
+mamba = load_module(os.path.join(os.path.dirname(__file__), "mamba.py"))
 
 ARCHS = ("byte-transformer", "byte-mamba", "megabyte-4", "megabyte-8", "space", "blt-entropy", "blt-entropy-nohash",
          "bpe-transformer", "entropy-lm")

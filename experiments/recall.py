@@ -7,14 +7,11 @@ Variants: transformer | mamba2 | nemotron | jamba | falcon, each with a "-smoke"
 """
 
 import dataclasses
-import importlib.util
 import os
 
-from train.config import Config, DataConfig, TrainConfig, check_variant
+from train.config import Config, DataConfig, TrainConfig, check_variant, load_module
 
-_spec = importlib.util.spec_from_file_location("altbench_exp_mamba", os.path.join(os.path.dirname(__file__), "mamba.py"))
-mamba = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(mamba)
+mamba = load_module(os.path.join(os.path.dirname(__file__), "mamba.py"))
 
 VARIANTS = ("", "smoke") + mamba.ARCHS + tuple(f"{a}-smoke" for a in mamba.ARCHS)
 

@@ -349,15 +349,12 @@ def test_experiment_variants_match_params_and_training_flops(scale):
   # experiments/reasoning.py compares architectures at the CoT baseline's parameters and training FLOPs:
   # every variant of a task must land within 4% of its parameters (recurrent depth matches them by its MLP
   # width in steps of 32, ~10% of the 64-wide smoke model per step) and within one of its steps of its budget.
-  import importlib.util
   import os
 
   import archs
   from conftest import ROOT
-  spec = importlib.util.spec_from_file_location("reasoning_experiment",
-                                                os.path.join(ROOT, "experiments", "reasoning.py"))
-  reasoning = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(reasoning)
+  from train.config import load_module
+  reasoning = load_module(os.path.join(ROOT, "experiments", "reasoning.py"))
   for task in reasoning.TASKS:
     def params_and_flops(arch):
       cfg = reasoning.get_config(f"{task}-{arch}-{scale}")

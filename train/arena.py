@@ -10,7 +10,6 @@ missing in the leaderboard, one whose loss turns non-finite as failed (both are 
 
 import dataclasses
 import importlib
-import importlib.util
 import json
 import os
 import time
@@ -239,11 +238,8 @@ def answer_flops(cfg, corpus, n, iters=None):
 
 def decode_curve(model_cfg, contexts, steps):
   """{context: tokens/s} of single-token decoding after a prefill of `context` tokens (experiments/bench/decode.py)."""
-  spec = importlib.util.spec_from_file_location(
-      "altbench_bench_decode", os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "bench",
-                                            "decode.py"))
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+  bench = config_lib.load_module(os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "bench",
+                                              "decode.py"))
   seconds = bench.time_decode(model_cfg, list(contexts), steps, repeats=2)
   return {str(c): 1.0 / s for c, s in seconds.items()}
 
@@ -253,9 +249,7 @@ def load(spec):
   path, _, variant = spec.partition(":")
   if not os.path.isfile(path):
     raise config_lib.ConfigError(f"arena file {path!r} does not exist (expected experiments/arena.py[:variant])")
-  module_spec = importlib.util.spec_from_file_location(f"altbench_arena_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  module = config_lib.load_module(path)
   if not hasattr(module, "get_arena"):
     raise config_lib.ConfigError(f"arena file {path!r} defines no get_arena(variant)")
   out = module.get_arena(variant)

@@ -78,14 +78,21 @@ class Config:
   mesh: MeshConfig = MeshConfig()
 
 
+def load_module(path):
+  """A Python file as a module, by path: experiments and benchmarks are files, not an importable package."""
+  name = f"altbench_{os.path.splitext(os.path.basename(path))[0]}_{abs(hash(os.path.abspath(path)))}"
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
+
+
 def load_experiment(spec):
   """'experiments/x.py[:variant]' -> Config."""
   path, _, variant = spec.partition(":")
   if not os.path.isfile(path):
     raise ConfigError(f"experiment file {path!r} does not exist (expected experiments/<name>.py[:variant])")
-  module_spec = importlib.util.spec_from_file_location(f"altbench_experiment_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  module = load_module(path)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"experiment {path!r} defines no get_config(variant)")
   cfg = module.get_config(variant)
