@@ -120,7 +120,9 @@ class Mamba2(nnx.Module):
 
   def _scan(self, x_BLD, seg_BL, initial_states=None, state_name="state"):
     z, xBC, dt = self._split(self._project(x_BLD))
-    xBC = self._conv(xBC, seg_BL)
+    # The scan reads x, B, C in the compute dtype, as mamba_ssm's conv hands them over: float32 operands would
+    # run the Pallas kernels' dots at HIGHEST precision, off the bf16 tensor cores.
+    xBC = self._conv(xBC, seg_BL).astype(self.compute_dtype)
     x, B, C = self._heads(xBC)
     y, final = kernels.ssd(x, dt, -jnp.exp(self.A_log[...].astype(jnp.float32)), B, C, self.chunk_size,
                            D=self.D[...], dt_bias=self.dt_bias[...], initial_states=initial_states,

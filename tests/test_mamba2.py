@@ -104,3 +104,19 @@ def test_no_weight_decay_on_ssm_vectors():
   for name in ("A_log", "D", "dt_bias"):
     assert float(jnp.abs(mixer[name][...]).max()) == 0.0  # zero gradient and no decay -> no update
   assert float(jnp.abs(mixer["in_proj"]["kernel"][...]).max()) > 0.0
+
+
+def test_scan_reads_activations_in_the_compute_dtype(monkeypatch):
+  # float32 operands would put the GPU kernels' dots at HIGHEST precision, off the bf16 matrix units.
+  from archs import mamba2
+  seen = {}
+  real = mamba2.kernels.ssd
+
+  def spy(x, dt, A, B, C, *a, **k):
+    seen.update(x=x.dtype, B=B.dtype, C=C.dtype)
+    return real(x, dt, A, B, C, *a, **k)
+
+  monkeypatch.setattr(mamba2.kernels, "ssd", spy)
+  _, model = _model("M", dtype="bfloat16")
+  model(jnp.zeros((1, 16), jnp.int32))
+  assert seen == {"x": jnp.bfloat16, "B": jnp.bfloat16, "C": jnp.bfloat16}

@@ -4,7 +4,11 @@
 #   bash experiments/bench/gpu_check.sh            # from anywhere; results in $OUT or experiments/results/
 #
 # Environment: OUT (results folder), PYTHON (default python3), SKIP_INSTALL=1, TEST_TIMEOUT,
-# SSD_TIMEOUT, ATTN_TIMEOUT, TUNE_TIMEOUT, HYBRID_TIMEOUT (seconds), TUNE_ARGS (e.g. --quick), SSD_LENGTHS, SSD_CHUNKS, ATTN_LENGTHS (comma lists).
+# SSD_TIMEOUT, ATTN_TIMEOUT, TUNE_TIMEOUT, HYBRID_TIMEOUT, LAYER_TIMEOUT (seconds), TUNE_ARGS (e.g. --quick),
+# HYBRID_ARGS (e.g. "--length 2048 --impls pallas,xla,ssm_pallas"), SSD_LENGTHS, SSD_CHUNKS, ATTN_LENGTHS,
+# ATTN_MODES (comma lists), TESTS_BEHIND=1 (stage 2 runs in the background beside stages 7 and 3, each process
+# limited to part of the GPU memory: saves its minutes, at the price of noisier timings in those stages).
+# Every stage's stderr goes to gpu_check.log, so a run leaves few files (the device tool returns at most 8).
 #
 # Stages (each under its own timeout, so one that hangs or runs long cannot eat the others' time;
 # the benchmarks print one JSON line per case, flushed, so a timed-out stage still leaves its
@@ -17,6 +21,8 @@
 #   4. attention benchmark (ours vs cuDNN, jax's Pallas mha, XLA)       -> bench_attention.jsonl
 #   5. kernel block tuning (bench/kernels.py --tune)                    -> bench_kernels.jsonl, tuned_blocks.json
 #   6. 124M hybrid train step at L=4K, pallas vs xla, MFU               -> bench_hybrid_step.jsonl
+#   7. SSD at the hybrid's layer shape (b1, h24, L4K, one document through seq_idx): float32 inputs
+#      (pallas) against bf16 inputs (pallas, xla)                       -> bench_ssd_layer.jsonl
 # STAGES (default 2,3,4,5,6) picks the stages after the install. All of them take up to ~17 minutes
 # with the default timeouts (mostly compile time): split them over two calls where one call is limited
 # to 10 minutes (e.g. STAGES=2,3 then STAGES=4,5,6). Narrow the sweeps with the
@@ -33,21 +39,24 @@ SSD_TIMEOUT="${SSD_TIMEOUT:-240}"
 ATTN_TIMEOUT="${ATTN_TIMEOUT:-150}"
 TUNE_TIMEOUT="${TUNE_TIMEOUT:-150}"
 HYBRID_TIMEOUT="${HYBRID_TIMEOUT:-150}"
+LAYER_TIMEOUT="${LAYER_TIMEOUT:-120}"
 STAGES="${STAGES:-2,3,4,5,6}"
 want() { [[ ",$STAGES," == *",$1,"* ]]; }
 TEST_RC=0
 SSD_LENGTHS="${SSD_LENGTHS:-2048,4096,8192,16384}"
 SSD_CHUNKS="${SSD_CHUNKS:-256,128}"
 ATTN_LENGTHS="${ATTN_LENGTHS:-2048,8192}"
+ATTN_MODES="${ATTN_MODES:-fwd+bwd}"
+ERR="$OUT_DIR/gpu_check.log"
 
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$OUT_DIR/gpu_check.log"; }
 
 log "stage 1: install"
 if [ -z "${SKIP_INSTALL:-}" ]; then
-  "$PY" -m pip install --no-deps --no-build-isolation -e . > "$OUT_DIR/pip_install.log" 2>&1 \
-    || log "pip install failed (see pip_install.log); continuing with PYTHONPATH=$ROOT"
+  "$PY" -m pip install -q --no-deps --no-build-isolation -e . >> "$ERR" 2>&1 \
+    || log "pip install failed (see above); continuing with PYTHONPATH=$ROOT"
 fi
-"$PY" - > "$OUT_DIR/env.json" 2>> "$OUT_DIR/gpu_check.log" <<'EOF'
+"$PY" - > "$OUT_DIR/env.json" 2>> "$ERR" <<'EOF'
 import json, platform, jax
 print(json.dumps({"python": platform.python_version(), "jax": jax.__version__,
                   "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
@@ -55,40 +64,64 @@ print(json.dumps({"python": platform.python_version(), "jax": jax.__version__,
 EOF
 cat "$OUT_DIR/env.json" | tee -a "$OUT_DIR/gpu_check.log"
 
+tests() {
+  timeout "$TEST_TIMEOUT" "$PY" -m pytest -m gpu tests/test_ssd_pallas.py tests/test_flash_attention.py \
+    -q -rs -p no:cacheprovider --durations=15 --junitxml="$OUT_DIR/pytest_gpu.xml" \
+    > "$OUT_DIR/pytest_gpu.log" 2>&1
+  local rc=$?
+  log "pytest exit status $rc: $(tail -n 1 "$OUT_DIR/pytest_gpu.log")"
+  return $rc
+}
+TESTS_PID=""
 if want 2; then
-log "stage 2: pytest -m gpu (timeout ${TEST_TIMEOUT}s)"
-timeout "$TEST_TIMEOUT" "$PY" -m pytest -m gpu tests/test_ssd_pallas.py tests/test_flash_attention.py \
-  -q -rs -p no:cacheprovider --durations=15 --junitxml="$OUT_DIR/pytest_gpu.xml" \
-  > "$OUT_DIR/pytest_gpu.log" 2>&1
-TEST_RC=$?
-log "pytest exit status $TEST_RC: $(tail -n 1 "$OUT_DIR/pytest_gpu.log")"
+  if [ -n "${TESTS_BEHIND:-}" ]; then
+    log "stage 2: pytest -m gpu in the background (timeout ${TEST_TIMEOUT}s)"
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 tests & TESTS_PID=$!
+    export XLA_PYTHON_CLIENT_MEM_FRACTION=0.6
+  else
+    log "stage 2: pytest -m gpu (timeout ${TEST_TIMEOUT}s)"
+    tests; TEST_RC=$?
+  fi
+fi
+
+if want 7; then
+log "stage 7: SSD at the hybrid's layer shape, float32 vs bf16 inputs (timeout ${LAYER_TIMEOUT}s)"
+layer() { timeout "$LAYER_TIMEOUT" "$PY" experiments/bench/ssd_pallas.py --b 1 --h 24 --lengths 4096 --chunks 128 \
+  --docs 1 --repeats 5 "$@" >> "$OUT_DIR/bench_ssd_layer.jsonl" 2>> "$ERR"; }
+layer --dtype float32 --impls pallas; layer --dtype bfloat16 --impls pallas,xla
+log "ssd layer benchmark done ($(wc -l < "$OUT_DIR/bench_ssd_layer.jsonl") lines)"
 fi
 
 if want 3; then
 log "stage 3: SSD benchmark (timeout ${SSD_TIMEOUT}s)"
 timeout "$SSD_TIMEOUT" "$PY" experiments/bench/ssd_pallas.py --lengths "$SSD_LENGTHS" --chunks "$SSD_CHUNKS" \
-  --repeats 5 > "$OUT_DIR/bench_ssd_pallas.jsonl" 2> "$OUT_DIR/bench_ssd_pallas.err"
+  --repeats 5 > "$OUT_DIR/bench_ssd_pallas.jsonl" 2>> "$ERR"
 log "ssd benchmark exit status $? ($(wc -l < "$OUT_DIR/bench_ssd_pallas.jsonl") lines)"
+fi
+
+if [ -n "$TESTS_PID" ]; then
+  wait "$TESTS_PID"; TEST_RC=$?
+  unset XLA_PYTHON_CLIENT_MEM_FRACTION
 fi
 
 if want 4; then
 log "stage 4: attention benchmark (timeout ${ATTN_TIMEOUT}s)"
 timeout "$ATTN_TIMEOUT" "$PY" experiments/bench/attention.py --lengths "$ATTN_LENGTHS" --dims 64,128 \
-  --modes fwd+bwd --repeats 5 > "$OUT_DIR/bench_attention.jsonl" 2> "$OUT_DIR/bench_attention.err"
+  --modes "$ATTN_MODES" --repeats 5 > "$OUT_DIR/bench_attention.jsonl" 2>> "$ERR"
 log "attention benchmark exit status $? ($(wc -l < "$OUT_DIR/bench_attention.jsonl") lines)"
 fi
 
 if want 5; then
 log "stage 5: kernel block tuning (timeout ${TUNE_TIMEOUT}s) -> tuned_blocks.json"
 timeout "$TUNE_TIMEOUT" "$PY" experiments/bench/kernels.py --tune --table "$OUT_DIR/tuned_blocks.json" --reps 5 ${TUNE_ARGS:-} \
-  > "$OUT_DIR/bench_kernels.jsonl" 2> "$OUT_DIR/bench_kernels.err"
+  > "$OUT_DIR/bench_kernels.jsonl" 2>> "$ERR"
 log "kernel tuning exit status $? ($(wc -l < "$OUT_DIR/bench_kernels.jsonl") lines)"
 fi
 
 if want 6; then
 log "stage 6: 124M hybrid train step at L=4K, pallas vs xla, MFU (timeout ${HYBRID_TIMEOUT}s)"
-ALTBENCH_KERNEL_TABLE="$OUT_DIR/tuned_blocks.json" timeout "$HYBRID_TIMEOUT" "$PY" experiments/bench/hybrid_step.py \
-  > "$OUT_DIR/bench_hybrid_step.jsonl" 2> "$OUT_DIR/bench_hybrid_step.err"
+ALTBENCH_KERNEL_TABLE="$OUT_DIR/tuned_blocks.json" timeout "$HYBRID_TIMEOUT" "$PY" experiments/bench/hybrid_step.py ${HYBRID_ARGS:-} \
+  > "$OUT_DIR/bench_hybrid_step.jsonl" 2>> "$ERR"
 log "hybrid step exit status $? ($(wc -l < "$OUT_DIR/bench_hybrid_step.jsonl") lines)"
 fi
 log "done; results in $OUT_DIR"

@@ -7,7 +7,7 @@ One step = forward + backward + clip + AdamW update, as the loop runs it.
 
 Both variants are compiled first, then timed alternately (--repeats rounds of --steps steps); the median
 round is reported. Lines: {"impl": "pallas" | "xla", "step_ms", "tokens_per_s", "tflops", "mfu"} and a
-last line with "speedup" = xla step / pallas step.
+last line with "speedup" = xla step / pallas step. --impls ssm_pallas / attn_pallas put one kernel alone on Pallas.
 
 FLOPs = the family's analytic training FLOPs (archs.lm.flops_per_token: 3 x forward matmul FLOPs, attention
 over all L keys), the same number the training ledger logs; MFU = FLOPs per second / the device's dense bf16
@@ -45,6 +45,11 @@ SMOKE = dataclasses.replace(MODEL, pattern="MA", d_model=64, n_heads=2, d_state=
                             vocab_size=256)
 
 
+# --impls names: (attn_impl, ssm_impl)
+VARIANTS = {"pallas": ("pallas", "pallas"), "xla": ("xla", "xla"), "ssm_pallas": ("xla", "pallas"),
+            "attn_pallas": ("pallas", "xla")}
+
+
 def peak_tflops(kind):
   return next((v for k, v in PEAK_TFLOPS.items() if k.lower() in kind.lower()), None)
 
@@ -64,12 +69,17 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--peak-tflops", type=float, default=0.0)
+  parser.add_argument("--impls", default="pallas,xla", help=f"comma list of {', '.join(VARIANTS)}")
   parser.add_argument("--smoke", action="store_true", help="a tiny model (to check the script on a CPU)")
   args = parser.parse_args(argv)
   base = SMOKE if args.smoke else MODEL
   kind, backend = jax.devices()[0].device_kind, jax.default_backend()
-  impls = ("pallas", "xla") if backend in ("gpu", "tpu") else ("xla",)
-  runners = {i: runner(dataclasses.replace(base, attn_impl=i, ssm_impl=i), args.batch, args.length) for i in impls}
+  impls = args.impls.split(",") if backend in ("gpu", "tpu") else ["xla"]
+  bad = [i for i in impls if i not in VARIANTS]
+  if bad:
+    parser.error(f"--impls: unknown {bad}; valid: {', '.join(VARIANTS)}")
+  runners = {i: runner(dataclasses.replace(base, attn_impl=VARIANTS[i][0], ssm_impl=VARIANTS[i][1]), args.batch,
+                       args.length) for i in impls}
   first = {i: run(1) for i, (run, _) in runners.items()}  # compile and warm up
   times = {i: [] for i in impls}
   for r in range(args.repeats):
@@ -83,13 +93,15 @@ def main(argv=None):
   for i in impls:
     step_s = statistics.median(times[i])
     tflops = flops_step / step_s / 1e12
-    lines.append({"bench": "hybrid_step", "impl": i, "device_kind": kind, "params": int(runners[i][1]),
+    lines.append({"bench": "hybrid_step", "impl": i, "attn_impl": VARIANTS[i][0], "ssm_impl": VARIANTS[i][1],
+                  "device_kind": kind, "params": int(runners[i][1]),
                   "pattern": base.pattern, "batch": args.batch, "length": args.length, "step_ms": round(step_s * 1e3, 2),
                   "tokens_per_s": round(args.batch * args.length / step_s, 1), "tflops": round(tflops, 3),
                   "mfu": None if not peak else round(tflops / peak, 4), "peak_tflops": peak,
                   "loss_first": round(first[i], 4), "jax": jax.__version__})
-  if len(impls) == 2:
-    lines.append({"bench": "hybrid_step", "speedup": round(lines[1]["step_ms"] / lines[0]["step_ms"], 3),
+  if "pallas" in impls and "xla" in impls:
+    ms = {line["impl"]: line["step_ms"] for line in lines}
+    lines.append({"bench": "hybrid_step", "speedup": round(ms["xla"] / ms["pallas"], 3),
                   "loss_first_diff": round(abs(first["pallas"] - first["xla"]), 4)})
   for line in lines:
     print(json.dumps(line), flush=True)

@@ -22,13 +22,16 @@ FLOPs (a convention, so that numbers compare across chunk sizes; time ratios do 
 How to read it
   One JSON line per (L, chunk, mode, impl): {"L", "chunk", "b", "h", "p", "n", "g", "mode", "impl",
   "ms", "tflops", "us_per_token" (= ms * 1e3 / (b * L): flat in L for a linear-time op),
-  "compile_s", "max_abs_diff"} where max_abs_diff is the forward output's largest deviation from the
-  pallas output (bf16 rounding level, ~1e-2, expected), or {"impl", "skipped": reason}. Then one line
+  "compile_s", "max_abs_diff", "rel_diff"} where max_abs_diff is the forward output's largest deviation from
+  the pallas output and rel_diff = ||out - pallas|| / ||pallas|| (bf16 rounding level, ~1e-2, expected),
+  or {"impl", "skipped": reason}. Then one line
   per (L, chunk, mode) with "xla_over_pallas" = ms_xla / ms_pallas (> 1 where the kernels are
   faster; the target is >= 1.5 at L >= 4K on a GPU), and at the end one "summary" line with the
   best chunk per (L, impl).
 
   python experiments/bench/ssd_pallas.py [--lengths 2048,4096 --chunks 128,256 --modes fwd+bwd,fwd]
+  python experiments/bench/ssd_pallas.py --b 1 --h 24 --lengths 4096 --dtype float32 --docs 1
+                                         # the 124M hybrid's layer, as its float32 conv output fed it
   python experiments/bench/ssd_pallas.py --blocks 64,64,32,4,4,2   # GPU tiles: block_m, block_k,
                                                                    # block_p, heads, warps, stages
 
@@ -77,14 +80,18 @@ def time_ms(fn, args, repeats):
   return 1e3 * min(times), compile_s
 
 
-def make_inputs(b, length, h, p, g, n, seed=0):
+def make_inputs(b, length, h, p, g, n, dtype="bfloat16", docs=0, seed=0):
+  """The op's arguments (activations in `dtype`, parameters float32) and a fixed output cotangent; with
+  docs > 0, seq_idx packs `docs` equal-length documents into every row."""
   rng = np.random.default_rng(seed)
-  bf16 = lambda shape, scale=1.0: jnp.asarray(scale * rng.standard_normal(shape), jnp.bfloat16)
+  act = lambda shape, scale=1.0: jnp.asarray(scale * rng.standard_normal(shape), dtype)
   f32 = lambda a: jnp.asarray(a, jnp.float32)
-  args = dict(x=bf16((b, length, h, p)), dt=bf16((b, length, h)), A=f32(-np.exp(rng.uniform(-1, 1, h))),
-              B=bf16((b, length, g, n), 0.5), C=bf16((b, length, g, n), 0.5), D=f32(rng.standard_normal(h)),
-              z=bf16((b, length, h, p)), dt_bias=f32(0.5 * rng.standard_normal(h)),
-              initial_states=f32(0.5 * rng.standard_normal((b, h, p, n))))
+  args = dict(x=act((b, length, h, p)), dt=act((b, length, h)), A=f32(-np.exp(rng.uniform(-1, 1, h))),
+              B=act((b, length, g, n), 0.5), C=act((b, length, g, n), 0.5), D=f32(rng.standard_normal(h)),
+              z=act((b, length, h, p)), dt_bias=f32(0.5 * rng.standard_normal(h)),
+              initial_states=f32(0.5 * rng.standard_normal((b, h, p, n))),
+              seq_idx=(jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32) * docs // length, (b, length))
+                       if docs else None))
   cot = jnp.asarray(rng.standard_normal((b, length, h, p)), jnp.float32)
   return args, cot
 
@@ -92,10 +99,10 @@ def make_inputs(b, length, h, p, g, n, seed=0):
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
 
 
-def build(impl, chunk, mode, cot, blocks):
+def build(impl, chunk, mode, cot, blocks, seq_idx=None):
   def op(x, dt, A, B, C, D, z, dt_bias, initial_states):
     kw = dict(D=D, z=z, dt_bias=dt_bias, initial_states=initial_states, dt_softplus=True,
-              return_final_states=True)
+              return_final_states=True, seq_idx=seq_idx)
     if impl == "pallas" and blocks is not None:
       return ssd_pallas.ssd_pallas(x, dt, A, B, C, chunk, block_sizes=blocks, **kw)
     return ssd_module.ssd(x, dt, A, B, C, chunk, impl=impl, **kw)
@@ -122,6 +129,9 @@ def main():
   parser.add_argument("--n", type=int, default=128)
   parser.add_argument("--g", type=int, default=1)
   parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                      help="dtype of x, dt, B, C, z (float32 runs the kernels' dots at HIGHEST precision)")
+  parser.add_argument("--docs", type=int, default=0, help="documents packed per row through seq_idx (0: none)")
   parser.add_argument("--blocks", default="", help="GPU BlockSizes fields, comma-separated "
                       "(block_m,block_k,block_p,heads,num_warps,num_stages); default: per call")
   args = parser.parse_args()
@@ -138,14 +148,14 @@ def main():
     emit({"note": "CPU backend: the Pallas kernels would run in interpret mode (too slow to time); "
                   "running a tiny xla-only configuration to exercise the script"})
   emit({"config": dict(backend=backend, device=str(jax.devices()[0].device_kind), jax=jax.__version__,
-                       dtype="bfloat16", b=args.b, h=args.h, p=args.p, n=args.n, g=args.g,
+                       dtype=args.dtype, docs=args.docs, b=args.b, h=args.h, p=args.p, n=args.n, g=args.g,
                        repeats=args.repeats, impls=impls, modes=modes, chunks=chunks,
                        blocks=None if blocks is None else dataclasses.asdict(blocks)),
         "flop_formula": FLOP_FORMULA})
 
   best = {}
   for length in lengths:
-    inputs, cot = make_inputs(args.b, length, args.h, args.p, args.g, args.n)
+    inputs, cot = make_inputs(args.b, length, args.h, args.p, args.g, args.n, args.dtype, args.docs)
     arg_list = [inputs[k] for k in NAMES]
     for chunk in chunks:
       base = {"L": length, "chunk": chunk, "b": args.b, "h": args.h, "p": args.p, "n": args.n, "g": args.g}
@@ -154,14 +164,15 @@ def main():
         for impl in impls:
           line = {**base, "mode": mode, "impl": impl}
           try:
-            fn, fwd_fn = build(impl, chunk, mode, cot, blocks)
+            fn, fwd_fn = build(impl, chunk, mode, cot, blocks, inputs["seq_idx"])
             t, compile_s = time_ms(fn, arg_list, args.repeats)
             out = fwd_fn(*arg_list).astype(jnp.float32)
-            diff = None
+            diff = rel = None
             if ref_out is None:
               ref_out = out
             else:
               diff = float(jnp.max(jnp.abs(out - ref_out)))
+              rel = float(jnp.linalg.norm(out - ref_out) / jnp.linalg.norm(ref_out))
             del out
           except Exception as e:  # noqa: BLE001 - report and go on with the other cases
             emit({**line, "skipped": f"{type(e).__name__}: {str(e)[:300]}"})
@@ -173,7 +184,7 @@ def main():
           emit({**line, "ms": round(t, 3),
                 "tflops": round(flops(args.b, length, args.h, args.p, args.n, chunk, mode) / t / 1e9, 2),
                 "us_per_token": round(t * 1e3 / (args.b * length), 5), "compile_s": round(compile_s, 1),
-                "max_abs_diff": diff})
+                "max_abs_diff": diff, "rel_diff": rel})
         if "pallas" in ms and "xla" in ms:
           emit({**base, "mode": mode, "xla_over_pallas": round(ms["xla"] / ms["pallas"], 3)})
   emit({"summary": [{"L": k[0], "impl": k[1], "mode": k[2], "best_chunk": v[0], "ms": round(v[1], 3),
