@@ -240,12 +240,12 @@ def _gpu_kv_loops(qi, bq, bk, nk, c):
       return [(0, stop, True)]
     full = jnp.minimum(_idiv(qi * bq, bk), stop)        # blocks entirely left of the diagonal
     return [(0, full, False), (full, stop, True)]
-  padded = nk * bk != c.kv_len
   if c.has_seg:
     return [(0, nk, True)]
-  if padded:
-    return [(0, nk - 1, False), (nk - 1, nk, True)]
-  return [(0, nk, False)]
+  # The kv length is padded to the largest of the fwd / dq / dkv tiles, so with a smaller tile here
+  # more than the last block can hold pad keys: mask from the first of them, skip blocks of pads only.
+  full, stop = c.kv_len // bk, min(-(-c.kv_len // bk), nk)
+  return [(0, full, False)] + ([(full, stop, True)] if stop > full else [])
 
 
 def _gpu_fwd_kernel(*refs, c, nq, nk):
@@ -506,7 +506,7 @@ def _tpu_row_block_needs(qi, kj, bq, bk, c, nk, pad):
     run = kj * bk <= (qi + 1) * bq - 1                     # some key at or left of the diagonal
     needs = (kj + 1) * bk - 1 > qi * bq                    # some key right of the diagonal
     return run, (True if c.has_seg else needs)
-  return True, (True if c.has_seg else (kj == nk - 1) if pad else False)
+  return True, (True if c.has_seg else (kj >= c.kv_len // bk) if pad else False)  # any pad key in block kj
 
 
 def _tpu_fwd_kernel(*refs, c, nk):
