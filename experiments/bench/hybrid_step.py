@@ -80,7 +80,11 @@ def main(argv=None):
     parser.error(f"--impls: unknown {bad}; valid: {', '.join(VARIANTS)}")
   runners = {i: runner(dataclasses.replace(base, attn_impl=VARIANTS[i][0], ssm_impl=VARIANTS[i][1]), args.batch,
                        args.length) for i in impls}
-  first = {i: run(1) for i, (run, _) in runners.items()}  # compile and warm up
+  first = {}
+  for i, (run, _) in runners.items():  # compile and warm up
+    t0 = time.perf_counter()
+    first[i] = run(1)
+    print(f"hybrid_step: {i} compiled and ran one step in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
   times = {i: [] for i in impls}
   for r in range(args.repeats):
     for i in (impls if r % 2 == 0 else impls[::-1]):
