@@ -14,7 +14,7 @@ Implementations (``impl=``):
   (kernels/tuning.py, written by ``altbench bench kernels --tune``) for this device kind, else from the
   hand-set table ``_BLOCKS`` there, one entry per (backend, head_dim class 64/128/256).
 * ``"auto"``: ``"pallas"`` on a single GPU/TPU when it supports the call (no dense mask, head_dim
-  <= 256) and the query is at least ``AUTO_PALLAS_MIN_Q_LEN`` long (single-token decode steps are a
+  <= 256; on GPU 16-bit inputs, see ``tuning.pallas_dtype_pays``) and the query is at least ``AUTO_PALLAS_MIN_Q_LEN`` long (single-token decode steps are a
   matrix-vector product that a flash tile would mostly pad), otherwise ``"xla"``; always ``"xla"`` on
   CPU. With more than one device it stays ``"xla"``: GSPMD cannot partition a pallas_call (it would
   replicate q, k, v onto every device), so sharded runs need the kernel wrapped in shard_map first.
@@ -132,7 +132,7 @@ def attention(q, k, v, *, causal, segment_ids=None, softmax_scale=None, mask=Non
   _check(q, k, v, causal, segment_ids, impl)
   scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
   if impl == "auto":
-    impl = _auto_impl(q.shape, k.shape, mask)
+    impl = _auto_impl(q.shape, k.shape, mask, q.dtype)
   if impl == "reference":
     return _reference(q, k, v, causal, segment_ids, scale, mask)
   if impl == "pallas":
@@ -141,11 +141,12 @@ def attention(q, k, v, *, causal, segment_ids=None, softmax_scale=None, mask=Non
   return _xla(q, k, v, causal, segment_ids, scale, mask)
 
 
-def _auto_impl(q_shape, k_shape, mask):
+def _auto_impl(q_shape, k_shape, mask, dtype):
   forced = tuning.forced_impl("ALTBENCH_ATTENTION_AUTO")
   if forced:
     return forced
-  if (_flash.backend_target() is not None and jax.device_count() == 1 and q_shape[1] >= AUTO_PALLAS_MIN_Q_LEN
-      and _flash.supported(q_shape, k_shape, mask=mask)):
+  target = _flash.backend_target()
+  if (target is not None and jax.device_count() == 1 and q_shape[1] >= AUTO_PALLAS_MIN_Q_LEN
+      and _flash.supported(q_shape, k_shape, mask=mask) and tuning.pallas_dtype_pays(target, dtype)):
     return "pallas"
   return "xla"

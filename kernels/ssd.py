@@ -23,14 +23,13 @@ weights and call sites port over unchanged. ``ssd`` is the single entry point;
   backend they run in Pallas interpret mode (for tests; slow). Matmul operands
   stay in the input dtype (bf16 in, float32 accumulation), so for bf16 inputs
   it is not bit-for-bit the float32 math of the other paths.
-* ``"auto"``: ``"pallas"`` on a single device of a target in ``AUTO_PALLAS_TARGETS``
-  (TPU) when ``ssd_pallas.supported`` accepts the call and the sequence is at least
-  ``AUTO_PALLAS_MIN_LEN`` long, otherwise ``"xla"``; always ``"xla"`` on CPU. GPU is
-  left out on a measurement (H100, jax 0.11.2): the kernel alone is 2.3x faster than
-  XLA (b8 h32 L4K p64 n128, fwd+bwd bf16) but a 124M hybrid's train step (b1 L2K,
-  24 heads, seq_idx) was 7x slower with it (189 vs 27 ms); until that is understood,
-  GPU users opt in with ``impl="pallas"`` or ALTBENCH_SSD_AUTO=pallas. With more than one device it
-  stays ``"xla"``: GSPMD cannot partition a pallas_call. The environment
+* ``"auto"``: ``"pallas"`` on a single GPU or TPU when ``ssd_pallas.supported`` accepts the call,
+  the sequence is at least ``AUTO_PALLAS_MIN_LEN`` long and, on GPU, the inputs are 16-bit
+  (``tuning.pallas_dtype_pays``); otherwise ``"xla"``; always ``"xla"`` on CPU. Measured on an H100
+  (jax 0.11.2, bf16): the kernels alone 2.0-2.3x faster than XLA fwd+bwd (b8 h32 p64 n128 at 4K and 8K;
+  b1 h24 with seq_idx at 4K), a 124M hybrid's train step at b1 x 4K 1.77x faster (25.7 vs 45.6 ms).
+  (An earlier reading, 7x slower end to end, came from the Mamba-2 block handing the scan float32
+  x, B, C.) With more than one device it stays ``"xla"``: GSPMD cannot partition a pallas_call. The environment
   variable ALTBENCH_SSD_AUTO=xla (or =pallas, =reference) overrides the choice.
 
 Packed documents (``seq_idx``). The state is reset to zero wherever ``seq_idx``
@@ -69,7 +68,7 @@ from kernels import tuning
 IMPLS = ("auto", "reference", "xla", "pallas")
 # impl="auto" leaves short calls (decode-like) to XLA: a Pallas launch would mostly pad one chunk.
 AUTO_PALLAS_MIN_LEN = 16
-AUTO_PALLAS_TARGETS = ("tpu",)  # see the module docstring for why GPU is not (yet) among them
+AUTO_PALLAS_TARGETS = ("gpu", "tpu")
 
 # Same threshold as torch.nn.functional.softplus / mamba_ssm: above it,
 # softplus(x) == x to float32 precision.
@@ -179,13 +178,14 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states
 
 
 def _auto_impl(x_shape, B_shape, dtype):
-  """What impl="auto" runs: pallas on one TPU where supported, else xla (see module docstring)."""
+  """What impl="auto" runs: pallas on one GPU or TPU where supported and worth it, else xla (see module docstring)."""
   forced = tuning.forced_impl("ALTBENCH_SSD_AUTO")
   if forced:
     return forced
   from kernels import ssd_pallas
-  if (ssd_pallas.backend_target() in AUTO_PALLAS_TARGETS and jax.device_count() == 1
-      and x_shape[1] >= AUTO_PALLAS_MIN_LEN and ssd_pallas.supported(x_shape, B_shape, dtype)):
+  target = ssd_pallas.backend_target()
+  if (target in AUTO_PALLAS_TARGETS and jax.device_count() == 1 and x_shape[1] >= AUTO_PALLAS_MIN_LEN
+      and ssd_pallas.supported(x_shape, B_shape, dtype) and tuning.pallas_dtype_pays(target, dtype)):
     return "pallas"
   return "xla"
 

@@ -112,12 +112,13 @@ def test_dense_mask_unsupported_and_auto_dispatch(monkeypatch):
     attention(q, k, v, causal=False, mask=mask, impl="pallas")
   attention_module = importlib.import_module("kernels.attention")  # kernels.attention is the function
   monkeypatch.delenv("ALTBENCH_ATTENTION_AUTO", raising=False)
-  pick = lambda tq, m=None: attention_module._auto_impl((1, tq, 2, 64), (1, tq, 2, 64), m)
+  pick = lambda tq, m=None, dtype=jnp.bfloat16: attention_module._auto_impl((1, tq, 2, 64), (1, tq, 2, 64), m, dtype)
   if jax.default_backend() == "cpu":
     assert pick(128) == "xla"                                    # CPU default stays xla
   monkeypatch.setattr(fa, "backend_target", lambda backend=None: "gpu")
   monkeypatch.setattr(jax, "device_count", lambda *a: 1)
   assert pick(128) == "pallas"
+  assert pick(128, dtype=jnp.float32) == "xla"                   # float32 on GPU: off the tensor cores
   assert pick(128, mask) == "xla"                                # dense mask -> xla fallback
   assert pick(1) == "xla"                                        # decode step
   monkeypatch.setattr(jax, "device_count", lambda *a: 8)

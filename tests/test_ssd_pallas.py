@@ -149,9 +149,11 @@ def test_auto_dispatch_policy(monkeypatch):
     assert pick() == "xla"                                     # CPU default stays xla
   monkeypatch.setattr(jax, "device_count", lambda *a: 1)
   monkeypatch.setattr(sp, "backend_target", lambda backend=None: "gpu")
-  assert pick() == "xla"                                       # GPU: opt-in only (measured, see kernels/ssd.py)
+  assert pick() == "pallas"
+  assert pick(dtype=jnp.float32) == "xla"                      # float32 on GPU: off the tensor cores
   monkeypatch.setattr(sp, "backend_target", lambda backend=None: "tpu")
   assert pick() == "pallas"
+  assert pick(dtype=jnp.float32) == "pallas"
   assert pick(x=(1, 1, 4, 64), b=(1, 1, 1, 128)) == "xla"      # decode-like: one position
   assert pick(x=(1, 256, 4, 512)) == "xla"                     # headdim > 256: unsupported
   assert pick(dtype=jnp.float64) == "xla"
