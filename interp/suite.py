@@ -32,7 +32,9 @@ from train import reasoning_tasks as rt
 from train.metrics import write_json_atomic
 
 SUITES = ("cot",)
-MONITOR = {"reach": ("path",), "vartrack": ("value",), "mult": None}  # None: every target
+# The monitor's targets, by name prefix: the intermediates at each step's end (not mult's write-position ones,
+# whose several items per step would not give one readable/not flag per step).
+MONITOR = {"reach": ("path",), "vartrack": ("value",), "mult": ("sum_digit",)}
 
 
 def _layer_names(family_name, model):
@@ -95,7 +97,7 @@ def _monitor(task, recurrent_depth, tgts, grid, pooled, per_item):
   """The monitorability score, with the faithfulness tests' interventions on each step. The monitor: for token
   chains, the pooled (all steps) probes of the monitored targets at the layer where their mean pooled
   selectivity is highest; for recurrent depth, step k's probe on the state after recurrence k + 1."""
-  names = [n for n in (MONITOR.get(task) or sorted(tgts)) if n in grid]
+  names = [n for n in sorted(tgts) if n in grid and n.startswith(MONITOR.get(task, ("",)))]
   if not names or "intervened" not in per_item:
     return {"skipped": "no probe results or no interventions for this subject"}
   intervened = per_item["intervened"]

@@ -21,6 +21,13 @@ Targets (class labels; `types` name the entity the control task maps to a random
   mult      sum_digit{i}: digit i (least significant first) of the running sum after partial product k;
             type: (k, the multiplier digit b_k), i.e. what the step reads from the question
   vartrack  value: the chain variable's value at step k (0..9); type: the variable's letter
+mult, cot layout only, at the positions where the chain writes its running sums (`written_sum_targets`):
+            emit_digit: digit i of the sum after partial product k at the position that predicts that digit
+            (its byte's position - 1), pooled over i; type: (k, i), the chain slot, which position alone
+            tells a probe. ahead_digit{i} (i >= 1): digit i at the position that predicts digit 0, before
+            any of that sum is written: does the model hold the whole sum ahead of writing it? type: (k, b_k).
+            Only sums written inside the chain count (step 0's partial product and the "(...)" of the
+            middle steps; the last sum is the answer).
 """
 
 import dataclasses
@@ -100,6 +107,34 @@ def frontier(examples, lay, at="end"):
   return Target("frontier", 2, *cols[:5], pos2=cols[5])
 
 
+def written_sums(ex):
+  """[(step k, chain offset of the sum's first digit, its digits)] for the running sums a mult chain writes."""
+  out, offset = [], 0
+  for k, (text, digits) in enumerate(zip(ex.steps, ex.intermediates["running_sum_digits"])):
+    start = 0 if k == 0 else text.find("(") + 1  # step k >= 1: "+<partial product>(<running sum>)"
+    if k == 0 or start > 0:
+      out.append((k, offset + start, digits))
+    offset += len(text)
+  return out
+
+
+def written_sum_targets(examples, lay):
+  """{"emit_digit", "ahead_digit{i}": Target} of mult chains under the cot layout (see the module docstring)."""
+  emit, ahead = [], {}
+  for row, ex in enumerate(examples):
+    b = ex.question.split("*")[1]
+    for k, start, digits in written_sums(ex):
+      first = lay.prefix_len + start - 1  # predicts digit 0
+      for i, d in enumerate(digits):
+        emit.append((row, k, first + i, d, 16 * k + i))
+        if i:
+          ahead.setdefault(i, []).append((row, k, first, d, 10 * k + int(b[k])))
+  cols = lambda rows: np.array(rows, np.int64).reshape(-1, 5).T
+  out = {"emit_digit": Target("emit_digit", 10, *cols(emit))}
+  out.update({f"ahead_digit{i}": Target(f"ahead_digit{i}", 10, *cols(r)) for i, r in sorted(ahead.items())})
+  return out
+
+
 def targets(examples, lay, at="end"):
   """{name: Target} over the examples (row i of the batch = examples[i]) under layout lay."""
   acc = {}
@@ -116,6 +151,8 @@ def targets(examples, lay, at="end"):
     out[name] = Target(name, items["n_classes"], *cols)
   if examples and examples[0].task == "reach":
     out["frontier"] = frontier(examples, lay, at)
+  if examples and examples[0].task == "mult" and lay.mode == "cot" and at == "end":
+    out.update(written_sum_targets(examples, lay))
   return out
 
 

@@ -305,3 +305,16 @@ def test_thought_and_state_interventions_change_only_what_they_replace():
   np.testing.assert_allclose(np.asarray(fwd(rows, iters=r, patch_at=2, repl=s2)), full, atol=1e-4)
   assert np.abs(np.asarray(fwd(rows, iters=r, patch_at=2, repl=np.roll(s2, 1, axis=0))) - full).max() > 1e-2
   assert np.abs(np.asarray(fwd(rows, iters=r - 1)) - full).max() > 1e-2  # the iteration count is used
+
+
+def test_written_sum_targets_point_at_the_bytes_that_write_them():
+  corpus = rt.ReasoningCorpus(DataConfig(dataset="mult", task_mode="cot", eval_examples=8, task_size=3, seq_len=64))
+  lay, examples = corpus.layout, corpus.eval_examples()
+  rows = targets.batch(examples, lay, 64)["inputs"]
+  tg = targets.targets(examples, lay)
+  e, p, label = tg["emit_digit"].example, tg["emit_digit"].pos, tg["emit_digit"].label
+  np.testing.assert_array_equal(rows[e, p + 1] - ord("0"), label)  # the next byte is the digit
+  assert set(tg["emit_digit"].step.tolist()) == set(range(3)) - {2}  # the last sum is the answer, not the chain
+  for i in (1, 2):
+    t = tg[f"ahead_digit{i}"]
+    np.testing.assert_array_equal(rows[t.example, t.pos + 1 + i] - ord("0"), t.label)  # written i bytes later
