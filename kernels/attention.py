@@ -76,6 +76,9 @@ def _reference(q, k, v, causal, segment_ids, scale, extra):
 
 
 CAUSAL_BLOCK = 64  # query block of the causal XLA path, unless the tuning table has one for this device
+# The blocks are an unrolled Python loop: compile time grows with their number, the work skipped hardly
+# ((n + 1) / 2n of the scores remain: 53% at 16 blocks, 51% at 64). Longer sequences get longer blocks.
+MAX_CAUSAL_BLOCKS = 16
 
 
 def causal_block(head_dim):
@@ -110,7 +113,9 @@ def _xla_causal_blocked(q, k, v, segment_ids, scale, block):
 def _xla(q, k, v, causal, segment_ids, scale, extra):
   t, block = q.shape[1], causal_block(q.shape[-1])
   if causal and extra is None and t == k.shape[1] and t % block == 0 and t >= 2 * block:
-    return _xla_causal_blocked(q, k, v, segment_ids, scale, block)
+    n = t // block
+    merge = next(f for f in range(1, n + 1) if n % f == 0 and n // f <= MAX_CAUSAL_BLOCKS)
+    return _xla_causal_blocked(q, k, v, segment_ids, scale, block * merge)
   mask = _mask_BTS(q.shape[1], k.shape[1], causal, segment_ids, extra)
   return jax.nn.dot_product_attention(
       q, k, v, mask=None if mask is None else mask[:, None], scale=scale, implementation="xla")

@@ -19,7 +19,8 @@ def _inputs(b, t, h, hk, d, seed=0, dtype=jnp.float32):
 
 @pytest.mark.parametrize("t,h,hk,causal,use_seg", [
     (17, 4, 4, True, False), (33, 4, 2, True, True), (31, 6, 1, False, True), (8, 2, 2, False, False),
-    (128, 4, 2, True, True)])  # 128: the blocked causal XLA path
+    (128, 4, 2, True, True),   # 128: the blocked causal XLA path
+    (1280, 2, 1, True, True)])  # 20 blocks of 64 merged into 10 of 128 (MAX_CAUSAL_BLOCKS)
 def test_xla_matches_reference(t, h, hk, causal, use_seg):
   q, k, v, seg = _inputs(2, t, h, hk, 16)
   seg = seg if use_seg else None
