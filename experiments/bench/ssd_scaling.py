@@ -28,7 +28,6 @@ How to read it
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -41,23 +40,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-
-def load_ops():
-  """(ssd, attention or None, note on why attention is missing or None).
-
-  kernels/__init__.py imports both ops, so a broken or missing kernels.attention breaks the
-  package import; ssd is then loaded from its own file (it imports only jax and einops).
-  """
-  try:
-    from kernels.ssd import ssd
-    from kernels.attention import attention
-    return ssd, attention, None
-  except Exception as e:  # noqa: BLE001 - any failure just means "no attention numbers"
-    note = f"skipped: kernels.attention not importable ({type(e).__name__}: {e})"
-  spec = importlib.util.spec_from_file_location("ssd_standalone", os.path.join(ROOT, "kernels", "ssd.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.ssd, None, note
+from kernels.attention import attention as attention_op  # noqa: E402
+from kernels.ssd import ssd  # noqa: E402
 
 
 def time_interleaved(cases, repeats, budget_s):
@@ -127,9 +111,7 @@ def main():
                        backend=jax.default_backend(), devices=len(jax.devices()),
                        xla_flags=os.environ.get("XLA_FLAGS", ""))})
 
-  ssd, attention, attention_note = load_ops()
-  if args.no_attention:
-    attention, attention_note = None, "skipped: --no-attention"
+  attention, attention_note = (None, "skipped: --no-attention") if args.no_attention else (attention_op, None)
 
   ms = {"ssd": {}, "attention": {}}
   cases = {length: ssd_case(ssd, args.b, length, args.h, args.p, args.n, args.chunk, "xla", rng)
