@@ -29,8 +29,8 @@ weights and call sites port over unchanged. ``ssd`` is the single entry point;
   (jax 0.11.2, bf16): the kernels alone 2.0-2.3x faster than XLA fwd+bwd (b8 h32 p64 n128 at 4K and 8K;
   b1 h24 with seq_idx at 4K), a 124M hybrid's train step at b1 x 4K 1.77x faster (25.7 vs 45.6 ms).
   (An earlier reading, 7x slower end to end, came from the Mamba-2 block handing the scan float32
-  x, B, C.) With more than one device it stays ``"xla"``: GSPMD cannot partition a pallas_call. The environment
-  variable ALTBENCH_SSD_AUTO=xla (or =pallas, =reference) overrides the choice.
+  x, B, C.) With more than one device it stays ``"xla"``: GSPMD cannot partition a pallas_call.
+  The environment variable ALTBENCH_SSD_AUTO=xla (or =pallas, =reference) overrides the choice.
 
 Packed documents (``seq_idx``). The state is reset to zero wherever ``seq_idx``
 changes between consecutive positions, so no information flows between
@@ -178,7 +178,7 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states
 
 
 def _auto_impl(x_shape, B_shape, dtype):
-  """What impl="auto" runs: pallas on one GPU or TPU where supported and worth it, else xla (see module docstring)."""
+  """What impl="auto" runs: pallas on one GPU or TPU where supported and worth it, else xla (module docstring)."""
   forced = tuning.forced_impl("ALTBENCH_SSD_AUTO")
   if forced:
     return forced

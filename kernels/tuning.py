@@ -24,6 +24,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 
 TABLE_ENV = "ALTBENCH_KERNEL_TABLE"
 DEFAULT_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned_blocks.json")
@@ -44,7 +45,6 @@ def pallas_dtype_pays(target, dtype):
   inputs: float32 operands run the Triton dots at HIGHEST precision, off the tensor cores (SSD at a
   124M hybrid's layer shape on an H100: 31.3 ms in float32, 1.0 ms in bf16), while XLA's float32 dots
   may use TF32."""
-  import jax.numpy as jnp
   return target != "gpu" or jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 

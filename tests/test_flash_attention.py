@@ -112,7 +112,8 @@ def test_dense_mask_unsupported_and_auto_dispatch(monkeypatch):
     attention(q, k, v, causal=False, mask=mask, impl="pallas")
   attention_module = importlib.import_module("kernels.attention")  # kernels.attention is the function
   monkeypatch.delenv("ALTBENCH_ATTENTION_AUTO", raising=False)
-  pick = lambda tq, m=None, dtype=jnp.bfloat16: attention_module._auto_impl((1, tq, 2, 64), (1, tq, 2, 64), m, dtype)
+  shape = lambda tq: (1, tq, 2, 64)
+  pick = lambda tq, m=None, dtype=jnp.bfloat16: attention_module._auto_impl(shape(tq), shape(tq), m, dtype)
   if jax.default_backend() == "cpu":
     assert pick(128) == "xla"                                    # CPU default stays xla
   monkeypatch.setattr(fa, "backend_target", lambda backend=None: "gpu")

@@ -84,7 +84,8 @@ def main(argv=None):
   for i, (run, _) in runners.items():  # compile and warm up
     t0 = time.perf_counter()
     first[i] = run(1)
-    print(f"hybrid_step: {i} compiled and ran one step in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    print(f"hybrid_step: {i} compiled and ran one step in {time.perf_counter() - t0:.1f} s", file=sys.stderr,
+          flush=True)
   times = {i: [] for i in impls}
   for r in range(args.repeats):
     for i in (impls if r % 2 == 0 else impls[::-1]):
