@@ -16,8 +16,9 @@ Implementations (``impl=``):
 * ``"auto"``: ``"pallas"`` on a single GPU/TPU when it supports the call (no dense mask, head_dim
   <= 256; on GPU 16-bit inputs, see ``tuning.pallas_dtype_pays``) and the query is at least
   ``AUTO_PALLAS_MIN_Q_LEN`` long (single-token decode steps are a matrix-vector product that a flash
-  tile would mostly pad), otherwise ``"xla"``; always ``"xla"`` on CPU. With more than one device it stays ``"xla"``: GSPMD cannot partition a pallas_call (it would
-  replicate q, k, v onto every device), so sharded runs need the kernel wrapped in shard_map first.
+  tile would mostly pad), otherwise ``"xla"``; always ``"xla"`` on CPU. With more than one device it
+  stays ``"xla"``: GSPMD cannot partition a pallas_call (it would replicate q, k, v onto every device),
+  so sharded runs need the kernel wrapped in shard_map first.
   The environment variable ALTBENCH_ATTENTION_AUTO=xla (or =pallas) overrides the choice.
 """
 
