@@ -11,7 +11,8 @@ Files (all under RUN/probe/):
   monitorability.json  the score with the monitor used (target, layer) and its parts
   lens.json            logit-lens trajectories per layer x step (lens_trajectories)
   patching.json        activation-patching effects, both directions (reach on coconut / nocot layouts)
-  summary.json         run, checkpoint step, family, task, mode, items, what was skipped and why
+  summary.json         run, checkpoint step, family, task, mode, items, what was skipped and why, and each
+                       target's pooled selectivity and accuracy above the majority rate per layer
   probes_<target>.png  accuracy / selectivity / random-init accuracy heatmaps, layer x step
   faithfulness.png     early-answering and adding-mistakes curves
   lens.png             lens trajectories;  patching_<direction>_<names>.png  patching heatmaps
@@ -223,9 +224,11 @@ def _plots(out_dir, grid, faith, lens_out=None):
   for name, by_layer in grid.items():
     layers = list(by_layer)
     steps = sorted({k for v in by_layer.values() for k in v if k != "all"}, key=int) + ["all"]
-    fig, axes = plt.subplots(1, 3, figsize=(4 + 1.2 * len(steps) * 3, 1 + 0.45 * len(layers)), squeeze=False)
-    for ax, (key, title, vmin) in zip(axes[0], (("accuracy", "accuracy", 0), ("selectivity", "selectivity", -0.2),
-                                                ("random_accuracy", "random-init accuracy", 0))):
+    panels = (("accuracy", "accuracy", 0), ("selectivity", "selectivity", -0.2),
+              ("above_majority", "above majority", -0.2), ("random_accuracy", "random-init accuracy", 0))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 + 1.2 * len(steps) * len(panels), 1 + 0.45 * len(layers)),
+                             squeeze=False)
+    for ax, (key, title, vmin) in zip(axes[0], panels):
       m = np.array([[by_layer[l].get(k, {}).get(key, np.nan) for k in steps] for l in layers], float)
       im = ax.imshow(m, vmin=vmin, vmax=1, cmap="viridis", aspect="auto")
       ax.set_xticks(range(len(steps)), steps)
@@ -337,7 +340,7 @@ def run(run_dir, suite="cot", task=None, n=None, seed=0, progress=True):
       summary["skipped"]["patching"] = patch_out["skipped"]
     bar.update(1)
   summary["plots"] = [os.path.basename(p) for p in _plots(out_dir, grid, faith, lens_out) + patch_png]
-  summary["probes"] = {name: {layer: v["all"]["selectivity"] for layer, v in by_layer.items() if "all" in v}
-                       for name, by_layer in grid.items()}
+  summary["probes"] = {name: {layer: {key: v["all"][key] for key in ("selectivity", "above_majority")}
+                              for layer, v in by_layer.items() if "all" in v} for name, by_layer in grid.items()}
   write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
   return summary
