@@ -120,3 +120,29 @@ def test_scan_reads_activations_in_the_compute_dtype(monkeypatch):
   _, model = _model("M", dtype="bfloat16")
   model(jnp.zeros((1, 16), jnp.int32))
   assert seen == {"x": jnp.bfloat16, "B": jnp.bfloat16, "C": jnp.bfloat16}
+
+
+def test_config_impls_reach_the_pallas_kernels_and_match_xla():
+  # Part 4 of the kernels issue: a config's attn_impl / ssm_impl alone puts a model on the Pallas kernels
+  # (interpreted on CPU); logits and parameter gradients equal the XLA paths', packed documents included.
+  tokens = jax.random.randint(jax.random.key(4), (1, 40), 0, 256)
+  seg = jnp.array([[1] * 15 + [2] * 25])
+
+  def loss_and_grads(impl):
+    _, model = _model("MP", attn_impl=impl, ssm_impl=impl)
+    graphdef, params = nnx.split(model)
+
+    def loss(params):
+      logits, _ = nnx.merge(graphdef, params)(tokens, segment_ids_BL=seg)
+      return jnp.mean(logits ** 2), logits
+
+    (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    jaxpr = str(jax.make_jaxpr(lambda p: loss(p)[0])(params))
+    return logits, grads, jaxpr
+
+  logits_p, grads_p, jaxpr_p = loss_and_grads("pallas")
+  logits_x, grads_x, jaxpr_x = loss_and_grads("xla")
+  assert jaxpr_p.count("pallas_call") >= 2 and "pallas_call" not in jaxpr_x  # the SSD and flash attention
+  np.testing.assert_allclose(logits_p, logits_x, rtol=1e-4, atol=1e-4)
+  for (path, g_p), g_x in zip(jax.tree_util.tree_leaves_with_path(grads_p), jax.tree.leaves(grads_x)):
+    np.testing.assert_allclose(g_p, g_x, rtol=1e-3, atol=1e-5, err_msg=jax.tree_util.keystr(path))
