@@ -13,7 +13,7 @@ Files (all under RUN/probe/):
   patching.json        activation-patching effects, both directions (reach on coconut / nocot layouts)
   summary.json         run, checkpoint step, family, task, mode, items, what was skipped and why, and each
                        target's pooled selectivity and accuracy above the majority rate per layer
-  probes_<target>.png  accuracy / selectivity / random-init accuracy heatmaps, layer x step
+  probes_<target>.png  accuracy / selectivity / above-majority / random-init accuracy heatmaps, layer x step
   faithfulness.png     early-answering and adding-mistakes curves
   lens.png             lens trajectories;  patching_<direction>_<names>.png  patching heatmaps
 Layers: the token families' `embed` and `blocks.{i}.resid_post` (interp.capture names); recurrent depth's

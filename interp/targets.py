@@ -126,7 +126,7 @@ def written_sum_targets(examples, lay):
     for k, start, digits in written_sums(ex):
       first = lay.prefix_len + start - 1  # predicts digit 0
       for i, d in enumerate(digits):
-        emit.append((row, k, first + i, d, 16 * k + i))
+        emit.append((row, k, first + i, d, 100 * k + i))
         if i:
           ahead.setdefault(i, []).append((row, k, first, d, 10 * k + int(b[k])))
   cols = lambda rows: np.array(rows, np.int64).reshape(-1, 5).T

@@ -24,10 +24,9 @@ How to read it
   "ms", "tflops", "us_per_token" (= ms * 1e3 / (b * L): flat in L for a linear-time op),
   "compile_s", "max_abs_diff", "rel_diff"} where max_abs_diff is the forward output's largest deviation from
   the pallas output and rel_diff = ||out - pallas|| / ||pallas|| (bf16 rounding level, ~1e-2, expected),
-  or {"impl", "skipped": reason}. Then one line
-  per (L, chunk, mode) with "xla_over_pallas" = ms_xla / ms_pallas (> 1 where the kernels are
-  faster; the target is >= 1.5 at L >= 4K on a GPU), and at the end one "summary" line with the
-  best chunk per (L, impl).
+  or {"impl", "skipped": reason}. Then one line per (L, chunk, mode) with "xla_over_pallas" = ms_xla /
+  ms_pallas (> 1 where the kernels are faster; the target is >= 1.5 at L >= 4K on a GPU), and at the end
+  one "summary" line with the best chunk per (L, impl).
 
   python experiments/bench/ssd_pallas.py [--lengths 2048,4096 --chunks 128,256 --modes fwd+bwd,fwd]
   python experiments/bench/ssd_pallas.py --b 1 --h 24 --lengths 4096 --dtype float32 --docs 1
