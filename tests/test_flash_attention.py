@@ -72,8 +72,8 @@ def _compare(flash_fn, q, k, v, cot, causal, segment_ids, tol, softmax_scale=Non
     ("tpu", TPU_SMALL, 37, 4, 2, True, True, jnp.float32),
     pytest.param("gpu", GPU_MIXED, 45, 4, 2, True, True, jnp.float32, marks=pytest.mark.slow),
     pytest.param("gpu", GPU_SMALL, 37, 4, 1, True, True, jnp.bfloat16, marks=pytest.mark.slow),
-], ids=["gpu-causal-gqa2-mixedblocks", "gpu-seg-mqa", "gpu-pad-keys-mixedblocks", "gpu-bf16-causal-seg", "tpu-causal-seg-gqa2",
-        "gpu-causal-seg-mixedblocks", "gpu-bf16-mqa"])
+], ids=["gpu-causal-gqa2-mixedblocks", "gpu-seg-mqa", "gpu-pad-keys-mixedblocks", "gpu-bf16-causal-seg",
+        "tpu-causal-seg-gqa2", "gpu-causal-seg-mixedblocks", "gpu-bf16-mqa"])
 def test_matches_reference(target, blocks, t, h, hk, causal, use_seg, dtype):
   q, k, v, seg, cot = _inputs(2, t, t, h, hk, 16, dtype=dtype)
   seg = seg if use_seg else None
