@@ -28,9 +28,20 @@ def model_config(arch, d_model=256, n_heads=4, n_layers=4, **ssm):
     cfg = archs.match_params("lm", dataclasses.replace(base, pattern="P" * n_layers), target)
   else:  # Mamba-2 blocks carry no MLP (as in mamba_ssm and Nemotron-H): the layer count matches the parameters
     unit = {"mamba2": "M", "nemotron": "MMAM", "jamba": "MMMAMMMM"}[arch]
+    count = _count_by_pattern(dataclasses.replace(base, mlp=False))
     options = [dataclasses.replace(base, pattern=(unit * 32)[:n], mlp=False) for n in range(1, 8 * n_layers)]
-    cfg = min(options, key=lambda c: abs(archs.param_count("lm", c) - target))
+    cfg = min(options, key=lambda c: abs(count(c.pattern) - target))
   return dataclasses.replace(cfg, vocab_size=0)
+
+
+def _count_by_pattern(cfg):
+  """pattern -> parameter count of cfg with that pattern. Blocks are independent, so the count is the shared
+  part (embeddings, head, final norm) plus one count per block letter: three small models measure them all
+  (instead of one model per candidate pattern: minutes at 768 wide)."""
+  one = {u: archs.param_count("lm", dataclasses.replace(cfg, pattern=u)) for u in "MA"}
+  both = archs.param_count("lm", dataclasses.replace(cfg, pattern="MA"))
+  shared, per_block = one["M"] + one["A"] - both, {"M": both - one["A"], "A": both - one["M"]}
+  return lambda pattern: shared + sum(per_block[u] for u in pattern)
 
 
 VARIANTS = ("", "smoke") + ARCHS + tuple(f"{a}-smoke" for a in ARCHS)

@@ -211,6 +211,19 @@ def test_cli_refuses_a_bad_arena(tmp_path, capsys):
   assert "does not exist" in capsys.readouterr().err
 
 
+def test_gpu_arena_computes_in_bf16_and_cpu_in_f32(tmp_path):
+  # On a GPU impl="auto" takes the Pallas kernels only for 16-bit activations: every gpu entry must compute in
+  # bf16 (its weights in float32), the CPU arenas in float32.
+  from train.config import load_module
+  experiment = load_module(os.path.join(ROOT, "experiments", "arena.py"))
+  for variant, dtype in (("gpu", "bfloat16"), ("cpu", "float32")):
+    entries = [e for e in experiment.get_arena(variant).entries if e.name != "blt-entropy"]  # needs a trained model
+    assert len(entries) >= 10
+    for e in entries:
+      model = e.build(str(tmp_path)).model
+      assert (model.dtype, model.param_dtype) == (dtype, "float32"), (variant, e.name)
+
+
 # ----------------------------------------------------------------------------- analytic FLOPs vs XLA
 
 # lm, megabyte and blt are checked in their own test files; the cases below cover the rest of the registry.
