@@ -30,12 +30,13 @@ SIZES = {  # the text group's widths (every family at this width; Mamba-2 hybrid
     "cpu": dict(d=128, heads=4, layers=3, local=64, local_heads=2, seq_len=128, batch=16, baseline_steps=300,
                 eval_bytes=32768, ssm=dict(d_state=32, ssm_headdim=32, chunk_size=32), lr=2e-3),
     "gpu": dict(d=768, heads=12, layers=12, local=384, local_heads=6, seq_len=1024, batch=32, baseline_steps=4000,
-                eval_bytes=1 << 20, ssm=dict(d_state=64, ssm_headdim=64, chunk_size=64), lr=1e-3, dtype="bfloat16"),
+                eval_bytes=1 << 20, ssm=dict(d_state=64, ssm_headdim=64, chunk_size=64), lr=1e-3),
 }
-# "dtype": the compute dtype of every entry (weights stay float32); bf16 on an accelerator, where impl="auto"
-# takes the Pallas kernels only for 16-bit activations (kernels.tuning.pallas_dtype_pays).
+# The compute dtype of every entry where it is not the models' float32 (weights stay float32): bf16 on an
+# accelerator, where impl="auto" takes the Pallas kernels only for 16-bit activations (tuning.pallas_dtype_pays).
+DTYPE = {"gpu": "bfloat16"}
 REACH = {"smoke": dict(suffix="-smoke", baseline_steps=60), "cpu": dict(suffix="-smoke", baseline_steps=800),
-         "gpu": dict(suffix="", baseline_steps=4000, dtype="bfloat16")}
+         "gpu": dict(suffix="", baseline_steps=4000)}
 DECODE = {"smoke": dict(decode_contexts=(64, 256), decode_steps=4, reasoning_examples=32, recurrences=(1, 3)),
           "cpu": dict(decode_contexts=(128, 512, 2048), decode_steps=8, reasoning_examples=128, recurrences=(1, 3, 6)),
           "gpu": dict(decode_contexts=(1024, 4096, 16384), decode_steps=16, reasoning_examples=1024,
@@ -52,7 +53,6 @@ def text_config(family, model, s, tokenizer="bytes", eval_repeats=1):
   data = DataConfig(dataset="pystdlib", tokenizer=tokenizer, seq_len=seq_len, eval_bytes=s["eval_bytes"])
   train = TrainConfig(steps=s["baseline_steps"], batch_size=s["batch"], lr=s["lr"],
                       warmup_steps=s["baseline_steps"] // 10, eval_repeats=eval_repeats)
-  model = dataclasses.replace(model, dtype=s.get("dtype", model.dtype))
   return Config(family=family, model=model, data=data, train=train)
 
 
@@ -101,11 +101,15 @@ def _entropy_lm(smoke_sizes, s):
   return build
 
 
-def _reach(arch, r):
-  def build(_):
-    cfg = _experiment("reasoning").get_config(f"reach-{arch}{r['suffix']}")
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=r.get("dtype", cfg.model.dtype)))
-  return build
+def _reach(arch, suffix):
+  return lambda _: _experiment("reasoning").get_config(f"reach-{arch}{suffix}")
+
+
+def _in_dtype(build, dtype):
+  def build_in_dtype(arena_dir):
+    cfg = build(arena_dir)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype))
+  return build_in_dtype
 
 
 def get_arena(variant=""):
@@ -115,7 +119,7 @@ def get_arena(variant=""):
   smoke_sizes = v != "gpu"
   transformer = _lm("transformer", s)
   text_budget = arena.flops_per_step(transformer(None)) * s["baseline_steps"]
-  reach_budget = arena.flops_per_step(_reach("cot", r)(None)) * r["baseline_steps"]
+  reach_budget = arena.flops_per_step(_reach("cot", r["suffix"])(None)) * r["baseline_steps"]
   groups = [arena.Group("pystdlib", "bpb", text_budget,
                         f"Held-out bits per byte on {s['eval_bytes']} bytes of the stdlib's source; widths d={s['d']}, "
                         f"{s['layers']} layers, windows of {s['seq_len']} bytes, batch {s['batch']}; the budget is "
@@ -132,10 +136,10 @@ def get_arena(variant=""):
       arena.Entry("bd3-4", "pystdlib", "diffusion", _diffusion("bd3-4", s), "block diffusion, blocks of 4"),
       arena.Entry("megabyte-8", "pystdlib", "megabyte", _bytes("megabyte-8", s, smoke_sizes), "fixed 8-byte patches"),
       arena.Entry("blt-space", "pystdlib", "blt", _bytes("space", s, smoke_sizes), "BLT, space patching"),
-      arena.Entry("reach-nocot", "reach", "coconut", _reach("nocot", r), "answer right after the question"),
-      arena.Entry("reach-cot", "reach", "coconut", _reach("cot", r), "chain of thought in tokens"),
-      arena.Entry("reach-coconut", "reach", "coconut", _reach("coconut", r), "continuous thoughts"),
-      arena.Entry("reach-recurrent", "reach", "recurrent", _reach("recurrent", r), "recurrent depth"),
+      arena.Entry("reach-nocot", "reach", "coconut", _reach("nocot", r["suffix"]), "answer right after the question"),
+      arena.Entry("reach-cot", "reach", "coconut", _reach("cot", r["suffix"]), "chain of thought in tokens"),
+      arena.Entry("reach-coconut", "reach", "coconut", _reach("coconut", r["suffix"]), "continuous thoughts"),
+      arena.Entry("reach-recurrent", "reach", "recurrent", _reach("recurrent", r["suffix"]), "recurrent depth"),
   ]
   if v != "smoke":  # a BPE tokenizer and an entropy model to train first: too slow for the smoke run
     groups.append(arena.Group("aux", "bpb", 0.0, "Auxiliary runs outside the budget: BLT's entropy model."))
@@ -144,4 +148,6 @@ def get_arena(variant=""):
     entries.insert(entries.index(next(e for e in entries if e.name == "blt-space")) + 1,
                    arena.Entry("blt-entropy", "pystdlib", "blt", _bytes("blt-entropy", s, smoke_sizes),
                                "BLT, entropy patching"))
+  if v in DTYPE:
+    entries = [dataclasses.replace(e, build=_in_dtype(e.build, DTYPE[v])) for e in entries]
   return arena.Arena(name=f"arena-{v}", groups=tuple(groups), entries=tuple(entries), evals=4, **DECODE[v])
