@@ -129,10 +129,14 @@ def written_sum_targets(examples, lay):
         emit.append((row, k, first + i, d, 100 * k + i))
         if i:
           ahead.setdefault(i, []).append((row, k, first, d, 10 * k + int(b[k])))
-  cols = lambda rows: np.array(rows, np.int64).reshape(-1, 5).T
-  out = {"emit_digit": Target("emit_digit", 10, *cols(emit))}
-  out.update({f"ahead_digit{i}": Target(f"ahead_digit{i}", 10, *cols(r)) for i, r in sorted(ahead.items())})
+  out = {"emit_digit": _target("emit_digit", 10, emit)}
+  out.update({f"ahead_digit{i}": _target(f"ahead_digit{i}", 10, r) for i, r in sorted(ahead.items())})
   return out
+
+
+def _target(name, n_classes, rows):
+  """A Target from (example, step, pos, label, type) rows."""
+  return Target(name, n_classes, *np.array(rows, np.int64).reshape(-1, 5).T)
 
 
 def targets(examples, lay, at="end"):
@@ -147,8 +151,7 @@ def targets(examples, lay, at="end"):
           items["rows"].append((row, k, pos[k], labels[k], types[k]))
   out = {}
   for name, items in acc.items():
-    cols = np.array(items["rows"], np.int64).reshape(-1, 5).T
-    out[name] = Target(name, items["n_classes"], *cols)
+    out[name] = _target(name, items["n_classes"], items["rows"])
   if examples and examples[0].task == "reach":
     out["frontier"] = frontier(examples, lay, at)
   if examples and examples[0].task == "mult" and lay.mode == "cot" and at == "end":
