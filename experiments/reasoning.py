@@ -2,7 +2,8 @@
 and recurrent depth, at matched parameters and matched training FLOPs.
 
 Tasks (train/reasoning_tasks.py): `reach` (ProsQA-like graph reachability, 24 nodes, paths of 2..5 steps),
-`mult` (4 x 4 digit multiplication, reversed digits, iCoT steps) and `vartrack` (12 assignments, the queried
+`reachbfs` (the same questions with the BFS-frontier CoT: each step the nodes one hop further, which needs no
+lookahead; Coconut's thoughts then replace frontiers), `mult` (4 x 4 digit multiplication, reversed digits, iCoT steps) and `vartrack` (12 assignments, the queried
 variable at the end of a chain of 1..6: one hop per step, the shape recurrent depth's iterations fit). Variants
 are "<task>-<arch>" (a 256-wide model, 4000 CoT-baseline steps of 64 rows: a GPU run), each with a "-cpu"
 suffix (a 128-wide model, 3000 steps of 32 rows; reach on 12 nodes and paths of 2..3 steps, 4 x 4 digits,
@@ -40,7 +41,7 @@ from archs import coconut, recurrent
 from train import reasoning_tasks as rt
 from train.config import Config, DataConfig, TrainConfig, check_variant
 
-TASKS = ("reach", "mult", "vartrack")
+TASKS = ("reach", "reachbfs", "mult", "vartrack")
 ARCHS = ("nocot", "cot", "pause", "filler", "coconut", "coconut-nocurriculum", "recurrent")
 SCALES = {  # suffix: (model width, batch, CoT-baseline steps, peak lr)
     "": (dict(d_model=256, n_heads=4), 64, 4000, 1e-3),
@@ -51,7 +52,8 @@ MODES = {"nocot": "nocot", "cot": "cot", "pause": "pause", "filler": "filler", "
          "coconut-nocurriculum": "coconut", "recurrent": "nocot"}
 
 
-def task_data(task, scale, mode="cot", **kw):
+def task_data(task, scale, mode="cot"):
+  task, cot = ("reach", "frontier") if task == "reachbfs" else (task, "")
   knobs = {("reach", ""): dict(task_size=24, task_depth=5, task_thoughts=1),
            ("reach", "cpu"): dict(task_size=12, task_depth=3, task_thoughts=1),
            ("reach", "smoke"): dict(task_size=12, task_depth=3, task_thoughts=1),
@@ -62,11 +64,11 @@ def task_data(task, scale, mode="cot", **kw):
            ("vartrack", "cpu"): dict(task_size=10, task_depth=5, task_thoughts=1),
            ("vartrack", "smoke"): dict(task_size=8, task_depth=3, task_thoughts=1)}[(task, scale)]
   data = DataConfig(dataset=task, task_mode=mode, eval_examples={"": 1024, "cpu": 512, "smoke": 128}[scale],
-                    seq_len=4096, **knobs)
+                    seq_len=4096, task_cot=cot, **knobs)
   # One window for every mode of the task (the longest), so every variant sees the same tokens per step.
   longest = max(rt.layout(dataclasses.replace(data, task_mode=m, task_pause=_thoughts(data))).window
                 for m in rt.MODES)
-  return dataclasses.replace(data, seq_len=-(-(longest - 1) // 8) * 8, task_pause=_thoughts(data), **kw)
+  return dataclasses.replace(data, seq_len=-(-(longest - 1) // 8) * 8, task_pause=_thoughts(data))
 
 
 def _thoughts(data):

@@ -210,7 +210,8 @@ def split_steps(task, ids):
 def own_chains(subj, prompts, width):
   """The model's own greedy chain after each prompt (ids up to the first special token or '#')."""
   buf, lens = _buffers(prompts, width)
-  cot_max = rt.bounds(subj["layout"].task, subj["layout"].size, subj["layout"].depth)[1]
+  lay = subj["layout"]
+  cot_max = rt.bounds(lay.task, lay.size, lay.depth, lay.cot)[1]
   out = greedy(subj["forward"], buf, lens, cot_max + 1)
   chains = []
   for i in range(len(prompts)):
@@ -303,8 +304,7 @@ def run_tests(subj, examples, *, seed=0, mistakes=True, filler=True, progress=No
   intervening on each step, `intervened` (for the monitorability score)."""
   kind, lay = subj["kind"], subj["layout"]
   task = lay.task
-  ans_len = rt.bounds(task, lay.size, lay.depth)[2]
-  cot_max = rt.bounds(task, lay.size, lay.depth)[1]
+  _, cot_max, ans_len, _ = rt.bounds(task, lay.size, lay.depth, lay.cot)
   fwd = subj["forward"]
   rng = np.random.default_rng(seed)
   gold = [ex.answer for ex in examples]

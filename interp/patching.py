@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from interp import capture, targets
+from train import reasoning_tasks as rt
 
 STEPPED = ("thoughts.", "core.", "steps.")  # prefixes of names with a leading step axis
 DIRECTIONS = ("denoise", "noise")
@@ -137,8 +138,10 @@ def reach_counterfactual(ex):
         path.append(parent[path[-1]])
       path = path[::-1][1:]
       frontier = [sorted(v for v, d in dist.items() if d == k) for k in range(1, len(path) + 1)]
+      # the example's CoT form: its steps are its path's unless they are its frontiers (or both read alike)
+      cot = "path" if ex.steps == rt.reach_steps(ex.intermediates["path"], None) else "frontier"
       return dataclasses.replace(
           ex, question=f"{m.group(1)}|{node}?{m.group(3)}/{m.group(4)}", answer=distractor,
-          steps=tuple(f">{v}" for v in path),
+          steps=rt.reach_steps(path, frontier, cot),
           intermediates={"start": node, "path": path, "frontier": frontier, "distractor": answer})
   return None

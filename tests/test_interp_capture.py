@@ -255,16 +255,18 @@ def test_capture_off_train_step_is_the_same_program():
   assert cost(real) == cost(stub) > 0
 
 
-def test_reach_counterfactual_flips_the_answer():
+@pytest.mark.parametrize("cot", ["path", "frontier"])
+def test_reach_counterfactual_flips_the_answer(cot):
   from train import reasoning_tasks as rt
   found = 0
   for seed in range(20):
-    ex = rt.reach(np.random.default_rng(seed), size=12, depth=3)
+    ex = rt.reach(np.random.default_rng(seed), size=12, depth=3, cot=cot)
     cf = patching.reach_counterfactual(ex)
     if cf is None:
       continue
     found += 1
     assert rt.check_reach(cf) == [], (ex, cf)  # the task's own checker: one reachable candidate, a shortest path
+    assert cf.steps == rt.reach_steps(cf.intermediates["path"], cf.intermediates["frontier"], cot)
     assert cf.answer == ex.intermediates["distractor"] and cf.intermediates["distractor"] == ex.answer
     diff = [i for i, (a, b) in enumerate(zip(ex.question, cf.question)) if a != b]
     start = ex.question.index("|") + 1  # only the start node's two bytes change

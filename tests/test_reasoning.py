@@ -48,9 +48,9 @@ def _grads(fn, model):
 # ----------------------------------------------------------------------------- tasks
 
 
-@pytest.mark.parametrize("task", sorted(rt.GENERATORS))
-def test_answers_and_steps_pass_an_independent_checker(task):
-  corpus = rt.ReasoningCorpus(_data(task, eval_examples=60))
+@pytest.mark.parametrize("task,cot", [(t, c) for t in sorted(rt.GENERATORS) for c in rt.COTS[t]])
+def test_answers_and_steps_pass_an_independent_checker(task, cot):
+  corpus = rt.ReasoningCorpus(_data(task, eval_examples=60, task_cot=cot))
   examples = corpus.eval_examples() + corpus.train_examples(3, 0, 60)
   for ex in examples:
     assert rt.CHECKERS[task](ex) == [], ex
@@ -79,6 +79,24 @@ def test_intermediates_are_the_ground_truth():
       env[var] = eval(expr, {}, dict(env)) % 10  # direct evaluation of "b+3" etc.
     assert ex.intermediates["values"] == list(env.items())
     assert str(env[ex.question[-1]]) == ex.answer
+
+
+def test_reach_frontier_cot_is_the_bfs_layers_of_the_same_question():
+  path, front = (rt.ReasoningCorpus(_data("reach", eval_examples=40, task_cot=c)) for c in ("path", "frontier"))
+  assert path.layout.cot == "path" and front.layout.cot == "frontier"
+  several = 0
+  for a, b in zip(path.eval_examples(), front.eval_examples()):
+    assert (a.question, a.answer, a.intermediates) == (b.question, b.answer, b.intermediates)  # only the steps differ
+    assert len(b.steps) == len(a.steps) and b.steps[-1].count(b.answer) == 1  # the last layer holds the answer
+    for node, step in zip(a.intermediates["path"], b.steps):
+      assert node in step  # each path node in its own layer
+    several += any(len(s) > 2 for s in b.steps)
+  assert several > 20  # most questions have a layer of more than one node (else the two forms coincide)
+  # Every frontier CoT fits the layout's bound (encode_rows asserts that each example fits its window).
+  lay = front.layout
+  rt.encode_rows(front.train_examples(0, 0, 200), dataclasses.replace(lay, mode="cot"), lay.window - 1, 0)
+  with pytest.raises(ValueError, match="task_cot='frontier'.*mult"):
+    rt.layout(_data("mult", task_cot="frontier"))
 
 
 def test_deterministic_and_train_test_disjoint():

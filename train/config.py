@@ -33,6 +33,7 @@ class DataConfig:
   task_mode: str = "cot"       # nocot | cot | pause | filler | coconut (continuous thoughts)
   task_size: int = 0           # reach nodes / mult digits / vartrack variables (0: the task's default)
   task_depth: int = 0          # reach path length (at most) / vartrack chain length (0: the task's default)
+  task_cot: str = ""           # the CoT's form: "" the task's own; reach also "frontier" (BFS layers, one per step)
   task_pause: int = 8          # pause mode: <pause> tokens before the answer
   task_thoughts: int = 1       # coconut: continuous thoughts per replaced CoT step (c)
   task_max_stage: int = 0      # coconut: the stage from which every step is latent (0: the task's most steps)

@@ -12,6 +12,10 @@ Each example carries its question, its chain-of-thought steps, the answer and gr
            is unique; the unreachable side has its own chain to the distractor candidate, of the same depth,
            and edges into the reachable side. CoT: the path, one node per step (">c"); intermediates: the
            path node and the BFS frontier (all nodes at that distance from the start) at each step.
+           With cot="frontier" each step is instead that frontier, sorted (">bfk"): every step is one hop
+           from the last (the children of the nodes just written), where the path needs lookahead at every
+           branch (which child leads to a candidate); the frontier is what Coconut's thoughts are said
+           to hold (Hao et al., section 5).
 `mult`     k x k digit multiplication, digits reversed (least significant first), in the implicit-CoT format
            of Deng et al. (2023): the partial products a * b_j * 10^(j-1), each with the running sum after it
            ("+pp(sum)"), the last one without (its sum is the answer). Intermediates: running-sum digits.
@@ -51,6 +55,7 @@ EVAL_SEED = 1 << 30
 _TRAIN_TAG = 7  # train streams are default_rng([_TRAIN_TAG, seed, step, row]); eval ones [EVAL_SEED, i]
 MODES = ("nocot", "cot", "pause", "filler", "coconut")
 DEFAULTS = {"reach": {"size": 24, "depth": 4}, "mult": {"size": 4, "depth": 0}, "vartrack": {"size": 12, "depth": 4}}
+COTS = {"reach": ("path", "frontier"), "mult": ("icot",), "vartrack": ("chain",)}  # the first: the default
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
@@ -71,12 +76,24 @@ def _reach_edges(size):
   return size - 3 + size // 3
 
 
-def reach(rng, size=24, depth=4):
+def _reach_reachable(size, depth):
+  """Most nodes on the reachable side of a reach graph (the start included)."""
+  return max(depth + 2, size // 2)
+
+
+def reach_steps(path, frontiers, cot="path"):
+  """The CoT steps of a reach example: its path nodes, or its BFS frontiers (cot="frontier")."""
+  if cot == "frontier":
+    return tuple(">" + "".join(f) for f in frontiers)
+  return tuple(f">{v}" for v in path)
+
+
+def reach(rng, size=24, depth=4, cot="path"):
   if not 2 * (depth + 1) + 2 <= size <= len(LETTERS) or depth < 1:
     raise ValueError(f"reach: size={size} must be in [2 * (depth + 1) + 2, {len(LETTERS)}] with depth={depth} >= 1")
   names = [LETTERS[c] for c in rng.choice(len(LETTERS), size=size, replace=False)]
   d = int(rng.integers(min(2, depth), depth + 1))  # length of the path to the answer
-  n_r = max(d + 2, size // 2)
+  n_r = _reach_reachable(size, d)
   R, U = names[:n_r], names[n_r:]  # reachable from the start / not
   start, path = R[0], R[:d + 1]
   level = {v: i for i, v in enumerate(path)}
@@ -128,7 +145,7 @@ def reach(rng, size=24, depth=4):
     frontier = sorted({c for v in frontier for c in children.get(v, []) if c not in seen})
     seen.update(frontier)
     frontiers.append(frontier)
-  return Example("reach", question, tuple(f">{v}" for v in path[1:]), target,
+  return Example("reach", question, reach_steps(path[1:], frontiers, cot), target,
                  {"start": start, "path": list(path[1:]), "frontier": frontiers, "distractor": distractor})
 
 
@@ -154,9 +171,12 @@ def check_reach(ex):
     problems.append(f"{len(reachable)} candidates reachable")
   elif ex.answer != reachable[0]:
     problems.append(f"answer {ex.answer} but {reachable[0]} is the reachable candidate")
+  layers = [sorted(v for v, k in dist.items() if k == i) for i in range(1, dist.get(ex.answer, 0) + 1)]
+  if ex.steps == reach_steps(None, layers, "frontier") and any(len(f) > 1 for f in layers):
+    return problems  # the frontier CoT (when every layer is one node it reads as a path, checked below)
   nodes = [start] + [s[1:] for s in ex.steps]
   if any(len(s) != 2 or s[0] != ">" for s in ex.steps):
-    problems.append(f"steps {ex.steps} are not '>x'")
+    problems.append(f"steps {ex.steps} are neither '>x' nor the BFS layers {layers}")
   for a, b in zip(nodes, nodes[1:]):
     if b not in graph.get(a, []):
       problems.append(f"step {a}>{b} is not an edge")
@@ -285,10 +305,11 @@ CHECKERS = {"reach": check_reach, "mult": check_mult, "vartrack": check_vartrack
 TASKS = GENERATORS
 
 
-def bounds(task, size, depth):
+def bounds(task, size, depth, cot=""):
   """(question bytes, CoT bytes, answer bytes, CoT steps): upper bounds for the knobs."""
   if task == "reach":
-    return 4 * _reach_edges(size) + 5, 2 * depth, 1, depth
+    frontier = depth + _reach_reachable(size, depth) - 1  # a ">" per step, each reachable node once
+    return 4 * _reach_edges(size) + 5, frontier if cot == "frontier" else 2 * depth, 1, depth
   if task == "mult":
     k = size
     cot = (k + 1) + sum(2 * (k + j) + 3 for j in range(2, k)) + (2 * k + 1 if k > 1 else 0)
@@ -305,6 +326,7 @@ class Layout:
   task: str
   size: int
   depth: int
+  cot: str          # the CoT's form (COTS)
   mode: str
   pause: int
   thoughts: int     # c: continuous thoughts per replaced step
@@ -326,6 +348,9 @@ def layout(data_cfg):
   depth = data_cfg.task_depth or DEFAULTS[task]["depth"]
   if data_cfg.task_mode not in MODES:
     raise ValueError(f"data.task_mode={data_cfg.task_mode!r}: valid: {MODES}")
+  cot = data_cfg.task_cot or COTS[task][0]
+  if cot not in COTS[task]:
+    raise ValueError(f"data.task_cot={data_cfg.task_cot!r}: {task} has CoT forms {COTS[task]}")
   if task == "mult" and not 1 <= size <= 12:
     raise ValueError(f"data.task_size={size}: mult digits must be 1..12")
   if task == "reach" and (depth < 1 or size < 2 * (depth + 1) + 2 or size > len(LETTERS)):
@@ -335,11 +360,11 @@ def layout(data_cfg):
     raise ValueError(f"data.task_size={size}, data.task_depth={depth}: vartrack needs 1 <= depth <= size <= 26")
   if data_cfg.task_pause < 0 or data_cfg.task_thoughts < 0 or data_cfg.task_max_stage < 0:
     raise ValueError("data.task_pause, data.task_thoughts and data.task_max_stage must be >= 0")
-  q, cot, ans, steps = bounds(task, size, depth)
+  q, cot_len, ans, steps = bounds(task, size, depth, cot)
   max_stage = data_cfg.task_max_stage or steps
-  body = {"nocot": 0, "cot": cot, "pause": data_cfg.task_pause, "filler": cot,
-          "coconut": max_stage * data_cfg.task_thoughts + cot}[data_cfg.task_mode]
-  lay = Layout(task, size, depth, data_cfg.task_mode, data_cfg.task_pause, data_cfg.task_thoughts, max_stage,
+  body = {"nocot": 0, "cot": cot_len, "pause": data_cfg.task_pause, "filler": cot_len,
+          "coconut": max_stage * data_cfg.task_thoughts + cot_len}[data_cfg.task_mode]
+  lay = Layout(task, size, depth, cot, data_cfg.task_mode, data_cfg.task_pause, data_cfg.task_thoughts, max_stage,
                prefix_len=q + 2, tail_len=body + 1 + 1 + ans + 1)
   if data_cfg.seq_len + 1 < lay.window:
     raise ValueError(f"data.seq_len={data_cfg.seq_len}: {task} (size {size}, depth {depth}) in mode "
@@ -412,13 +437,16 @@ class ReasoningCorpus:
     self._eval = [self._draw(np.random.default_rng([EVAL_SEED, i])) for i in range(data_cfg.eval_examples)]
     self._eval_questions = {ex.question for ex in self._eval}
     lay = self.layout
-    self.stats = {"task": lay.task, "mode": lay.mode, "size": lay.size, "depth": lay.depth,
+    self.stats = {"task": lay.task, "cot": lay.cot, "mode": lay.mode, "size": lay.size, "depth": lay.depth,
                   "prefix_len": lay.prefix_len, "window": lay.window, "max_stage": lay.max_stage,
                   "eval_examples": data_cfg.eval_examples, "train_tokens": "generated",
                   "vocab_size": self.tokenizer.vocab_size}
 
   def _draw(self, rng):
-    return self.generate(rng, self.layout.size, self.layout.depth)
+    lay = self.layout
+    if lay.task == "reach":
+      return self.generate(rng, lay.size, lay.depth, lay.cot)
+    return self.generate(rng, lay.size, lay.depth)
 
   def stage(self, step):
     """Coconut curriculum stage of a training step (the final stage for eval)."""
