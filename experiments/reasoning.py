@@ -28,7 +28,8 @@ loop) and eval_acc in metrics.jsonl.
 
 `python -m experiments.reasoning table RUN...` prints a JSON line per run: greedy accuracy with its 95% Wilson
 interval, per-character accuracy, accuracy by the question's number of CoT steps, parameters, steps, training
-FLOPs (recurrent depth: all at r = 1..8).
+FLOPs (recurrent depth: all at r = 1..8); reach CoT runs also the teacher-forced lookup rate per step
+(`lookup_rate`: are the nodes it writes children of the last step's?).
 `python -m experiments.reasoning cost [task] [--smoke]` times one training step of CoT, Coconut (recomputing and
 cached) and recurrent depth on this machine.
 """
@@ -166,6 +167,31 @@ def _wilson(k, n, z=1.96):
   return (max(0.0, mid - half), min(1.0, mid + half))
 
 
+def lookup_rate(model, corpus, n=256):
+  """Reach, CoT layout: per CoT step k, the fraction of the node letters the model predicts (teacher-forced,
+  argmax) that lie in the BFS frontier of step k, i.e. are children of the nodes one step back, against
+  `exact` (the gold letter) and `random_node` (the rate of a uniformly random node of the graph). Tells a model that cannot look an edge up (in-frontier at the rate of a random
+  node) from one that follows edges but picks the wrong branch (path CoT) or order (frontier CoT)."""
+  import jax
+  import numpy as np
+  examples, lay = corpus.eval_examples()[:n], corpus.layout
+  batch = rt.encode_rows(examples, lay, corpus.cfg.seq_len, lay.max_stage)
+  pred = np.asarray(jax.jit(coconut.forward)(model, batch["inputs"]).argmax(-1))
+  hits = {}
+  for row, ex in enumerate(examples):
+    pos = lay.prefix_len - 1  # <bot> predicts the first CoT byte
+    nodes = len({c for c in ex.question if c.isalpha()})
+    for k, (step, members) in enumerate(zip(ex.steps, ex.intermediates["frontier"])):
+      for j, gold in enumerate(step):
+        if j:  # the node letters, not the ">" markers
+          got = int(pred[row, pos])
+          hits.setdefault(k + 1, []).append((got == ord(gold), got < 128 and chr(got) in members,
+                                             len(members) / nodes))
+        pos += 1
+  return {k: dict(zip(("exact", "in_frontier", "random_node"), np.mean(v, axis=0).tolist()))
+          for k, v in sorted(hits.items())}
+
+
 def table(run_dirs, n=None, iters=(1, 2, 3, 4, 6, 8)):
   """One JSON-ready row per run: greedy accuracy with its 95% Wilson interval on the held-out questions,
   teacher-forced exact match, parameters, steps and training FLOPs (recurrent depth: accuracy at each r)."""
@@ -190,7 +216,7 @@ def table(run_dirs, n=None, iters=(1, 2, 3, 4, 6, 8)):
     hops = np.array([len(ex.steps) for ex in questions])
     examples = len(gold)
     row = {"run": os.path.basename(os.path.normpath(run_dir)), "family": cfg.family, "task": corpus.layout.task,
-           "mode": corpus.layout.mode, "size": corpus.layout.size, "depth": corpus.layout.depth,
+           "cot": corpus.layout.cot, "mode": corpus.layout.mode, "size": corpus.layout.size, "depth": corpus.layout.depth,
            "params": archs.param_count(cfg.family, cfg.model), "step": int(step_), "train_flops": last.get("flops"),
            "wall_s": last.get("wall_s"), "seed": cfg.train.seed, "eval_exact": last.get("eval_exact"),
            "questions": examples}
@@ -206,6 +232,8 @@ def table(run_dirs, n=None, iters=(1, 2, 3, 4, 6, 8)):
       # per-character credit (mult's digits): progress that whole-answer exact match hides
       row[key.replace("accuracy", "char_accuracy")] = float(np.mean(
           [sum(a == b for a, b in zip(ans or "", g)) / len(g) for ans, g in zip(answers, gold)]))
+    if corpus.layout.task == "reach" and corpus.layout.mode == "cot":
+      row["lookup_by_step"] = lookup_rate(model, corpus)
     if cfg.family == "recurrent":
       r = cfg.model.iters_at_test
       row["accuracy"], row["accuracy_ci"] = row[f"accuracy_r{r}"], row[f"accuracy_r{r}_ci"]

@@ -387,3 +387,21 @@ def test_experiment_variants_match_params_and_training_flops(scale):
       params, per_step, steps = params_and_flops(arch)
       assert abs(params / params0 - 1) < 0.04, (task, arch, params, params0)
       assert abs(steps * per_step - steps0 * per_step0) <= per_step, (task, arch, steps, per_step)
+
+
+def test_lookup_rate_reads_the_predictions_at_the_cot_letters(monkeypatch):
+  # A stand-in model that predicts every gold token scores exact = in_frontier = 1 at every step; one that
+  # predicts each gold letter in upper case scores 0: the rate reads the right positions.
+  import os
+
+  from conftest import ROOT
+  from train.config import load_module
+  reasoning = load_module(os.path.join(ROOT, "experiments", "reasoning.py"))
+  corpus = rt.ReasoningCorpus(_data("reach", task_cot="frontier", eval_examples=24))
+  targets = rt.encode_rows(corpus.eval_examples(), corpus.layout, corpus.cfg.seq_len, 0)["targets"]
+  for shift, want in ((0, 1.0), (-32, 0.0)):
+    monkeypatch.setattr(coconut, "forward", lambda model, inputs, s=shift: jax.nn.one_hot(targets + s, 262))
+    rates = reasoning.lookup_rate(None, corpus)
+    assert set(rates) == {1, 2, 3}
+    for r in rates.values():
+      assert r["exact"] == r["in_frontier"] == want and 0 < r["random_node"] < 1
