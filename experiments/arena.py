@@ -78,10 +78,10 @@ def _diffusion(variant, s):
   return build
 
 
-def _bytes(arch, s, smoke_sizes):
+def _bytes(arch, s, bytes_scale):
   def build(arena_dir):
     bytes_exp = _experiment("bytes")
-    family, model = bytes_exp.model_config("space" if arch == "blt-entropy" else arch, smoke_sizes)
+    family, model = bytes_exp.model_config("space" if arch == "blt-entropy" else arch, bytes_scale)
     model = dataclasses.replace(model, **_width(s), d_local=s["local"], local_heads=s["local_heads"])
     if arch == "blt-entropy":  # the auxiliary entropy-lm entry of this arena is the entropy model
       run_dir = os.path.join(arena_dir, "entropy-lm")
@@ -94,9 +94,9 @@ def _bytes(arch, s, smoke_sizes):
   return build
 
 
-def _entropy_lm(smoke_sizes, s):
+def _entropy_lm(bytes_scale, s):
   def build(_):
-    cfg = text_config("lm", _experiment("bytes").entropy_lm_config(smoke_sizes), s)
+    cfg = text_config("lm", _experiment("bytes").entropy_lm_config(bytes_scale), s)
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=s["baseline_steps"] // 2))
   return build
 
@@ -116,7 +116,7 @@ def get_arena(variant=""):
   check_variant(variant, VARIANTS)
   v = variant or "cpu"
   s, r = SIZES[v], REACH[v]
-  smoke_sizes = v != "gpu"
+  bytes_scale = "smoke" if v != "gpu" else ""  # experiments/bytes.py's model shapes
   transformer = _lm("transformer", s)
   text_budget = arena.flops_per_step(transformer(None)) * s["baseline_steps"]
   reach_budget = arena.flops_per_step(_reach("cot", r["suffix"])(None)) * r["baseline_steps"]
@@ -134,8 +134,8 @@ def get_arena(variant=""):
       arena.Entry("falcon", "pystdlib", "lm", _lm("falcon", s), "Falcon-H1-style parallel attention + SSM"),
       arena.Entry("mdlm", "pystdlib", "diffusion", _diffusion("mdlm", s), "masked diffusion, bpb is a bound"),
       arena.Entry("bd3-4", "pystdlib", "diffusion", _diffusion("bd3-4", s), "block diffusion, blocks of 4"),
-      arena.Entry("megabyte-8", "pystdlib", "megabyte", _bytes("megabyte-8", s, smoke_sizes), "fixed 8-byte patches"),
-      arena.Entry("blt-space", "pystdlib", "blt", _bytes("space", s, smoke_sizes), "BLT, space patching"),
+      arena.Entry("megabyte-8", "pystdlib", "megabyte", _bytes("megabyte-8", s, bytes_scale), "fixed 8-byte patches"),
+      arena.Entry("blt-space", "pystdlib", "blt", _bytes("space", s, bytes_scale), "BLT, space patching"),
       arena.Entry("reach-nocot", "reach", "coconut", _reach("nocot", r["suffix"]), "answer right after the question"),
       arena.Entry("reach-cot", "reach", "coconut", _reach("cot", r["suffix"]), "chain of thought in tokens"),
       arena.Entry("reach-coconut", "reach", "coconut", _reach("coconut", r["suffix"]), "continuous thoughts"),
@@ -144,9 +144,9 @@ def get_arena(variant=""):
   if v != "smoke":  # a BPE tokenizer and an entropy model to train first: too slow for the smoke run
     groups.append(arena.Group("aux", "bpb", 0.0, "Auxiliary runs outside the budget: BLT's entropy model."))
     entries[1:1] = [arena.Entry("bpe-transformer", "pystdlib", "lm", _bpe(s), "transformer on a 4096-token BPE")]
-    entries.insert(0, arena.Entry("entropy-lm", "aux", "lm", _entropy_lm(smoke_sizes, s), "BLT's entropy model"))
+    entries.insert(0, arena.Entry("entropy-lm", "aux", "lm", _entropy_lm(bytes_scale, s), "BLT's entropy model"))
     entries.insert(entries.index(next(e for e in entries if e.name == "blt-space")) + 1,
-                   arena.Entry("blt-entropy", "pystdlib", "blt", _bytes("blt-entropy", s, smoke_sizes),
+                   arena.Entry("blt-entropy", "pystdlib", "blt", _bytes("blt-entropy", s, bytes_scale),
                                "BLT, entropy patching"))
   if v in DTYPE:
     entries = [dataclasses.replace(e, build=_in_dtype(e.build, DTYPE[v])) for e in entries]

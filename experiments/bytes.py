@@ -1,6 +1,7 @@
 """Byte-level models against the byte and BPE transformers at equal training FLOPs on pystdlib (bits per byte).
 
-Variants (each with a "-smoke" suffix that runs in a few CPU minutes):
+Variants, each also with a "-smoke" suffix (a few CPU minutes) and a "-cpu" suffix (the cpu arena's widths and
+windows, experiments/arena.py, at 8x its budget: 2400 byte-transformer steps, 5-10 CPU minutes per variant):
   byte-transformer    family lm, "AAAA" on bytes (the baseline whose FLOPs set the budget)
   byte-mamba          family lm, pure Mamba-2 on bytes, parameters matched to the transformer (experiments/mamba.py)
   megabyte-4, -8      MegaByte with fixed patches of 4 and 8 bytes: global "AAAA", local "AA"
@@ -11,7 +12,7 @@ Variants (each with a "-smoke" suffix that runs in a few CPU minutes):
   entropy-lm          the small byte lm the entropy patcher reads; train it first (not in the budget):
                         altbench train experiments/bytes.py:entropy-lm        (-> runs/bytes-entropy-lm)
                         altbench train experiments/bytes.py:blt-entropy
-                      blt-entropy takes model.patcher_run = runs/bytes-entropy-lm[-smoke] (relative to the working
+                      blt-entropy takes model.patcher_run = runs/bytes-entropy-lm[-SCALE] (relative to the working
                       directory) and calibrates the entropy threshold there for a mean patch of ENTROPY_MEAN_PATCH
                       bytes (cached in that run directory). Without that run it warns and uses space patching.
 "" is blt-entropy. Every variant gets the byte transformer's FLOPs budget: steps = budget / (FLOPs per step),
@@ -31,21 +32,23 @@ mamba = load_module(os.path.join(os.path.dirname(__file__), "mamba.py"))
 
 ARCHS = ("byte-transformer", "byte-mamba", "megabyte-4", "megabyte-8", "space", "blt-entropy", "blt-entropy-nohash",
          "bpe-transformer", "entropy-lm")
-VARIANTS = ("", "smoke") + ARCHS + tuple(f"{a}-smoke" for a in ARCHS)
+SCALES = ("", "cpu", "smoke")
+VARIANTS = ("", "smoke") + tuple(f"{a}-{s}" if s else a for a in ARCHS for s in SCALES)
 ENTROPY_MEAN_PATCH = 4.5  # BLT's entropy models average about 4.5 bytes per patch
 MAX_PATCH = 16
 
 
-def sizes(smoke):
-  if smoke:
-    return dict(d=128, heads=4, layers=3, local=64, local_heads=2, seq_len=128, batch=16, baseline_steps=400,
-                buckets=1024)
-  return dict(d=256, heads=4, layers=4, local=128, local_heads=4, seq_len=512, batch=16, baseline_steps=4000,
-              buckets=4096)
+def sizes(scale):
+  return {"smoke": dict(d=128, heads=4, layers=3, local=64, local_heads=2, seq_len=128, batch=16, baseline_steps=400,
+                        buckets=1024, eval_bytes=32768),
+          "cpu": dict(d=128, heads=4, layers=3, local=64, local_heads=2, seq_len=128, batch=16, baseline_steps=2400,
+                      buckets=2048, eval_bytes=32768),
+          "": dict(d=256, heads=4, layers=4, local=128, local_heads=4, seq_len=512, batch=16, baseline_steps=4000,
+                   buckets=4096, eval_bytes=131072)}[scale]
 
 
-def entropy_lm_config(smoke):
-  return lm.Config(pattern="AA", d_model=64 if smoke else 128, n_heads=2 if smoke else 4)
+def entropy_lm_config(scale):
+  return lm.Config(pattern="AA", d_model=64 if scale == "smoke" else 128, n_heads=2 if scale == "smoke" else 4)
 
 
 def calibrated_threshold(run_dir, seq_len, target=ENTROPY_MEAN_PATCH, max_len=MAX_PATCH, n_windows=64):
@@ -70,16 +73,16 @@ def calibrated_threshold(run_dir, seq_len, target=ENTROPY_MEAN_PATCH, max_len=MA
   return theta
 
 
-def model_config(arch, smoke):
-  s = sizes(smoke)
+def model_config(arch, scale):
+  s = sizes(scale)
   d, heads, layers = s["d"], s["heads"], s["layers"]
   transformer = lm.Config(pattern="A" * layers, d_model=d, n_heads=heads)
   if arch in ("byte-transformer", "bpe-transformer"):
     return "lm", transformer
   if arch == "entropy-lm":
-    return "lm", entropy_lm_config(smoke)
+    return "lm", entropy_lm_config(scale)
   if arch == "byte-mamba":
-    ssm = dict(d_state=32, ssm_headdim=32, chunk_size=32) if smoke else {}
+    ssm = dict(d_state=32, ssm_headdim=32, chunk_size=32) if scale else {}
     return "lm", mamba.model_config("mamba2", d_model=d, n_heads=heads, n_layers=layers, **ssm)
   parts = dict(pattern="A" * layers, d_model=d, n_heads=heads, d_local=s["local"], local_heads=s["local_heads"])
   if arch.startswith("megabyte"):
@@ -88,10 +91,10 @@ def model_config(arch, smoke):
                    hash_buckets=0 if arch.endswith("nohash") else s["buckets"])
   if arch == "space":
     return "blt", dataclasses.replace(cfg, patcher="space", min_mean_patch=4)
-  run_dir = os.path.join("runs", "bytes-entropy-lm" + ("-smoke" if smoke else ""))
+  run_dir = os.path.join("runs", "bytes-entropy-lm" + (f"-{scale}" if scale else ""))
   if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
     warnings.warn(f"{arch}: no entropy model at {run_dir} (train experiments/bytes.py:entropy-lm"
-                  f"{'-smoke' if smoke else ''} first); this run falls back to space patching")
+                  f"{f'-{scale}' if scale else ''} first); this run falls back to space patching")
     return "blt", dataclasses.replace(cfg, patcher="entropy", min_mean_patch=4)
   return "blt", dataclasses.replace(cfg, patcher="entropy", patcher_run=run_dir, min_mean_patch=3,
                                     entropy_threshold=calibrated_threshold(run_dir, s["seq_len"]))
@@ -99,23 +102,23 @@ def model_config(arch, smoke):
 
 def get_config(variant=""):
   check_variant(variant, VARIANTS)
-  arch = variant.removesuffix("-smoke").removesuffix("smoke") or "blt-entropy"
-  smoke = variant.endswith("smoke")
-  s = sizes(smoke)
-  family, model = model_config(arch, smoke)
+  scale = next((s for s in ("cpu", "smoke") if variant.endswith(s)), "")
+  arch = variant.removesuffix(scale).removesuffix("-") or "blt-entropy"
+  s = sizes(scale)
+  family, model = model_config(arch, scale)
   bpe = arch == "bpe-transformer"
   seq_len = s["seq_len"] // 4 if bpe else s["seq_len"]
   data = DataConfig(dataset="pystdlib", tokenizer="bpe" if bpe else "bytes", seq_len=seq_len,
-                    eval_bytes=32768 if smoke else 131072)
+                    eval_bytes=s["eval_bytes"])
 
   def per_step(fam, cfg, length, vocab):
     return archs.get_family(fam).flops_per_token(dataclasses.replace(cfg, vocab_size=vocab), length) * length * s["batch"]
 
-  _, baseline = model_config("byte-transformer", smoke)
+  _, baseline = model_config("byte-transformer", scale)
   budget = per_step("lm", baseline, s["seq_len"], 262) * s["baseline_steps"]  # the byte transformer's
   steps = max(1, round(budget / per_step(family, model, seq_len, data.bpe_vocab_size if bpe else 262)))
   if arch == "entropy-lm":
     steps = s["baseline_steps"] // 2
   train = TrainConfig(steps=steps, batch_size=s["batch"], lr=2e-3, warmup_steps=min(200, steps // 10),
-                      eval_every=-(-steps // 4), ckpt_every=-(-steps // 4), sample_len=64 if smoke else 200)
+                      eval_every=-(-steps // 4), ckpt_every=-(-steps // 4), sample_len=200 if scale == "" else 64)
   return Config(family=family, model=model, data=data, train=train)

@@ -329,3 +329,35 @@ def test_compressors_bits_per_byte(tmp_path):
   assert n == 4096 and 0 < bpb["gzip -9"] < 8
   lines = report.compressor_table([cfg, cfg])
   assert sum("gzip -9" in line for line in lines) == 1 and "Compressors (not models)" in "\n".join(lines)
+
+
+@pytest.mark.parametrize("scale", ["cpu", "smoke"])
+def test_experiment_variants_share_the_byte_transformers_budget(scale):
+  # experiments/bytes.py compares byte-level families at equal training FLOPs: every variant of a scale but the
+  # entropy model (trained outside the budget) lands within one of its own steps of the byte transformer's.
+  import dataclasses
+  import os
+  import warnings
+
+  from conftest import ROOT
+
+  import archs
+  from train.config import load_module, validate
+  exp = load_module(os.path.join(ROOT, "experiments", "bytes.py"))
+
+  def total(arch):
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # blt-entropy without a trained entropy model warns and falls back
+      cfg = exp.get_config(f"{arch}-{scale}")
+    validate(cfg)
+    vocab = cfg.data.bpe_vocab_size if cfg.data.tokenizer == "bpe" else 262
+    per_step = archs.get_family(cfg.family).flops_per_token(
+        dataclasses.replace(cfg.model, vocab_size=vocab), cfg.data.seq_len) * cfg.data.seq_len * cfg.train.batch_size
+    return per_step * cfg.train.steps, per_step, cfg.data.eval_bytes
+
+  budget, _, eval_bytes = total("byte-transformer")
+  assert budget == pytest.approx(exp.sizes(scale)["baseline_steps"] * total("byte-transformer")[1])
+  for arch in exp.ARCHS:
+    if arch != "entropy-lm":
+      flops, per_step, n = total(arch)
+      assert abs(flops - budget) <= per_step / 2 + 1 and n == eval_bytes, (arch, flops, budget)
