@@ -118,6 +118,22 @@ def test_resume_with_other_config_is_refused(tmp_path):
   assert open(tmp_path / "metrics.jsonl").read() == before
 
 
+def test_init_from_starts_at_another_runs_parameters(tmp_path):
+  a = loop.train(tiny_config(steps=6), str(tmp_path / "a"), log=quiet)
+  # With lr = 1e-12 nothing moves measurably, so a run started from a's parameters scores a's held-out bpb exactly, and one
+  # started from its own seed does not.
+  frozen = dict(steps=1, lr=1e-12, warmup_steps=1)
+  b = loop.train(tiny_config(**frozen, init_from=str(tmp_path / "a")), str(tmp_path / "b"), log=quiet)
+  c = loop.train(tiny_config(**frozen), str(tmp_path / "c"), log=quiet)
+  assert b["eval_bpb"] == pytest.approx(a["eval_bpb"], rel=1e-6) and abs(c["eval_bpb"] - a["eval_bpb"]) > 0.01
+  with pytest.raises(ConfigError, match=r"train.init_from=.*do not fit this model"):
+    loop.train(replace(tiny_config(steps=1, init_from=str(tmp_path / "a")), model={"d_model": 48}),
+               str(tmp_path / "d"), log=quiet)
+  with pytest.raises(ConfigError, match="not a run directory"):
+    loop.train(tiny_config(steps=1, init_from=str(tmp_path / "nope")), str(tmp_path / "e"), log=quiet)
+  assert not os.path.exists(tmp_path / "d") and not os.path.exists(tmp_path / "e")  # refused before writing
+
+
 def test_fixed_batch_runner_trains_the_real_step():
   # The benchmarks' runner: n steps on one batch are the training step, so the loss on that batch falls
   # (it memorises it) and the parameter count is the family's.

@@ -62,6 +62,8 @@ class TrainConfig:
   samples: int = 2             # samples printed and saved at the end
   sample_len: int = 200
   power_w: float = 0.0         # stated device power for the energy estimate; 0 picks a per-backend default
+  init_from: str = ""          # a run directory whose latest parameters start this run (optimizer and step fresh):
+                               # fine-tuning, or Coconut from its CoT model (Hao et al.'s stage 0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
@@ -145,7 +146,6 @@ def evaluate(family, graphdef, state, corpus, cfg, mesh_):
 def sample_texts(family, graphdef, state, corpus, cfg, n, length, seed=0, prompt=None, temperature=0.8, top_k=0,
                  top_p=0.95):
   """(prompt, continuation) pairs: from held-out document openings, or from the given prompt text."""
-  from flax import nnx
   tok = corpus.tokenizer
   if prompt is not None:
     prompts = [np.concatenate([[tok.special["<eos>"]], tok.encode(prompt)])] * n
@@ -169,11 +169,30 @@ def _write_samples(workdir, step_, pairs):
   return text
 
 
+def _params_from(run_dir, family, model_cfg):
+  """The latest parameters of run_dir, checked against model_cfg's (same tree, shapes and dtypes)."""
+  if not os.path.isfile(os.path.join(run_dir, "config.json")):
+    raise config.ConfigError(f"train.init_from={run_dir!r}: not a run directory (no config.json)")
+  theirs = load_run(run_dir)[4]["params"]
+  mine = nnx.state(nnx.eval_shape(lambda: family.build(model_cfg, nnx.Rngs(0))), nnx.Param)
+  flat = lambda t: {jax.tree_util.keystr(k): (x.shape, str(x.dtype))
+                    for k, x in jax.tree_util.tree_flatten_with_path(t)[0]}
+  a, b = flat(mine), flat(theirs)
+  diff = [f"{k}: {a.get(k)} here, {b.get(k)} there" for k in sorted({*a, *b}) if a.get(k) != b.get(k)]
+  if diff:
+    raise config.ConfigError(f"train.init_from={run_dir!r}: its parameters do not fit this model ({len(diff)} "
+                             f"differ, e.g. {'; '.join(diff[:3])})")
+  return theirs
+
+
 def train(cfg, workdir, log=print):
   """Train (or resume) cfg in workdir. Returns the final eval metrics."""
   cfg, corpus = resolve(cfg, workdir)
   family = archs.get_family(cfg.family)
   main = jax.process_index() == 0
+  fresh = not os.path.isdir(os.path.join(workdir, "checkpoints"))
+  # checked before anything is written; a resumed run has its own parameters
+  init_params = _params_from(cfg.train.init_from, family, cfg.model) if cfg.train.init_from and fresh else None
   os.makedirs(workdir, exist_ok=True)
   if main:
     metrics.write_json_atomic(os.path.join(workdir, "config.json"), {"config": config.to_dict(cfg), "versions": versions()})
@@ -194,6 +213,9 @@ def train(cfg, workdir, log=print):
   start, state = ckpt.restore(abstract)
   if state is None:
     state = jax.jit(init, out_shardings=shardings)()
+    if init_params is not None:
+      state = dict(state, params=jax.device_put(init_params, shardings["params"]))
+      log(f"altbench: parameters from {tcfg.init_from}")
   else:
     log(f"altbench: resuming {workdir} from step {start}")
   final = [line for line in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if line.get("final")]
