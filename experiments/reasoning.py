@@ -3,12 +3,13 @@ and recurrent depth, at matched parameters and matched training FLOPs.
 
 Tasks (train/reasoning_tasks.py): `reach` (ProsQA-like graph reachability, 24 nodes, paths of 2..5 steps),
 `reachbfs` (the same questions with the BFS-frontier CoT: each step the nodes one hop further, which needs no
-lookahead; Coconut's thoughts then replace frontiers), `mult` (4 x 4 digit multiplication, reversed digits, iCoT steps) and `vartrack` (12 assignments, the queried
-variable at the end of a chain of 1..6: one hop per step, the shape recurrent depth's iterations fit). Variants
-are "<task>-<arch>" (a 256-wide model, 4000 CoT-baseline steps of 64 rows: a GPU run), each with a "-cpu"
-suffix (a 128-wide model, 3000 steps of 32 rows; reach on 12 nodes and paths of 2..3 steps, 4 x 4 digits,
-vartrack chains of 1..5 in 10 assignments: 10-15 minutes on a 2-core CPU) and a "-smoke" suffix (a 64-wide
-model, 200 steps of 16 rows, 3 x 3 digits, chains of 1..3: a couple of CPU minutes); "" is reach-coconut. Archs:
+lookahead; Coconut's thoughts then replace frontiers), `mult` (4 x 4 digit multiplication, reversed digits, iCoT
+steps) and `vartrack` (12 assignments, the queried variable at the end of a chain of 1..6: one hop per step, the
+shape recurrent depth's iterations fit). Variants are "<task>-<arch>" (a 256-wide model, 4000 CoT-baseline steps of
+64 rows: a GPU run), each with a "-cpu" suffix (a 128-wide model, 3000 steps of 32 rows; reach on 12 nodes and paths
+of 2..3 steps, 4 x 4 digits, vartrack chains of 1..5 in 10 assignments: 10-15 minutes on a 2-core CPU) and a
+"-smoke" suffix (a 64-wide model, 200 steps of 16 rows, 3 x 3 digits, chains of 1..3: a couple of CPU minutes); ""
+is reach-coconut. Archs:
   nocot        question <bot><eot> answer
   cot          question <bot> steps <eot> answer (loss on the steps too)
   pause        question <bot> <pause> x k <eot> answer, k = Coconut's number of thoughts, no loss on pauses
@@ -170,8 +171,9 @@ def _wilson(k, n, z=1.96):
 def lookup_rate(model, corpus, n=256):
   """Reach, CoT layout: per CoT step k, the fraction of the node letters the model predicts (teacher-forced,
   argmax) that lie in the BFS frontier of step k, i.e. are children of the nodes one step back, against
-  `exact` (the gold letter) and `random_node` (the rate of a uniformly random node of the graph). Tells a model that cannot look an edge up (in-frontier at the rate of a random
-  node) from one that follows edges but picks the wrong branch (path CoT) or order (frontier CoT)."""
+  `exact` (the gold letter) and `random_node` (the rate of a uniformly random node of the graph). Tells a
+  model that cannot look an edge up (in-frontier at the rate of a random node) from one that follows edges but
+  picks the wrong branch (path CoT) or order (frontier CoT)."""
   import jax
   import numpy as np
   examples, lay = corpus.eval_examples()[:n], corpus.layout
@@ -216,7 +218,8 @@ def table(run_dirs, n=None, iters=(1, 2, 3, 4, 6, 8)):
     hops = np.array([len(ex.steps) for ex in questions])
     examples = len(gold)
     row = {"run": os.path.basename(os.path.normpath(run_dir)), "family": cfg.family, "task": corpus.layout.task,
-           "cot": corpus.layout.cot, "mode": corpus.layout.mode, "size": corpus.layout.size, "depth": corpus.layout.depth,
+           "cot": corpus.layout.cot, "mode": corpus.layout.mode, "size": corpus.layout.size,
+           "depth": corpus.layout.depth,
            "params": archs.param_count(cfg.family, cfg.model), "step": int(step_), "train_flops": last.get("flops"),
            "wall_s": last.get("wall_s"), "seed": cfg.train.seed, "eval_exact": last.get("eval_exact"),
            "questions": examples}

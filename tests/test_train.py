@@ -120,8 +120,8 @@ def test_resume_with_other_config_is_refused(tmp_path):
 
 def test_init_from_starts_at_another_runs_parameters(tmp_path):
   a = loop.train(tiny_config(steps=6), str(tmp_path / "a"), log=quiet)
-  # With lr = 1e-12 nothing moves measurably, so a run started from a's parameters scores a's held-out bpb exactly, and one
-  # started from its own seed does not.
+  # With lr = 1e-12 nothing moves measurably, so a run started from a's parameters scores a's held-out bpb, and
+  # one started from its own seed does not.
   frozen = dict(steps=1, lr=1e-12, warmup_steps=1)
   b = loop.train(tiny_config(**frozen, init_from=str(tmp_path / "a")), str(tmp_path / "b"), log=quiet)
   c = loop.train(tiny_config(**frozen), str(tmp_path / "c"), log=quiet)
