@@ -176,20 +176,21 @@ def lookup_rate(model, corpus, n=256):
   picks the wrong branch (path CoT) or order (frontier CoT)."""
   import jax
   import numpy as np
+
+  from interp import targets
   examples, lay = corpus.eval_examples()[:n], corpus.layout
   batch = rt.encode_rows(examples, lay, corpus.cfg.seq_len, lay.max_stage)
   pred = np.asarray(jax.jit(coconut.forward)(model, batch["inputs"]).argmax(-1))
   hits = {}
   for row, ex in enumerate(examples):
-    pos = lay.prefix_len - 1  # <bot> predicts the first CoT byte
     nodes = len({c for c in ex.question if c.isalpha()})
+    # step k's byte j is predicted at `before`[k] + j (`before`: where its first byte is predicted)
+    before = targets.step_positions(ex, lay, at="before")
     for k, (step, members) in enumerate(zip(ex.steps, ex.intermediates["frontier"])):
-      for j, gold in enumerate(step):
-        if j:  # the node letters, not the ">" markers
-          got = int(pred[row, pos])
-          hits.setdefault(k + 1, []).append((got == ord(gold), got < 128 and chr(got) in members,
-                                             len(members) / nodes))
-        pos += 1
+      for j in range(1, len(step)):  # the node letters, not the ">" marker
+        got = int(pred[row, before[k] + j])
+        hits.setdefault(k + 1, []).append((got == ord(step[j]), got < 128 and chr(got) in members,
+                                           len(members) / nodes))
   return {k: dict(zip(("exact", "in_frontier", "random_node"), np.mean(v, axis=0).tolist()))
           for k, v in sorted(hits.items())}
 
