@@ -341,7 +341,7 @@ def test_experiment_variants_share_the_byte_transformers_budget(scale):
 
   from conftest import ROOT
 
-  import archs
+  from train import arena
   from train.config import load_module, validate
   exp = load_module(os.path.join(ROOT, "experiments", "bytes.py"))
 
@@ -350,9 +350,9 @@ def test_experiment_variants_share_the_byte_transformers_budget(scale):
       warnings.simplefilter("ignore")  # blt-entropy without a trained entropy model warns and falls back
       cfg = exp.get_config(f"{arch}-{scale}")
     validate(cfg)
-    vocab = cfg.data.bpe_vocab_size if cfg.data.tokenizer == "bpe" else 262
-    per_step = archs.get_family(cfg.family).flops_per_token(
-        dataclasses.replace(cfg.model, vocab_size=vocab), cfg.data.seq_len) * cfg.data.seq_len * cfg.train.batch_size
+    if cfg.data.tokenizer == "bpe":  # the budget counts the BPE vocabulary's head
+      cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=cfg.data.bpe_vocab_size))
+    per_step = arena.flops_per_step(cfg)
     return per_step * cfg.train.steps, per_step, cfg.data.eval_bytes
 
   budget, _, eval_bytes = total("byte-transformer")
