@@ -88,12 +88,17 @@ def abstract_state(family, cfg, tx, mesh_):
 
 def load_run(workdir):
   """(cfg, family, corpus, graphdef, state, mesh) of a finished or running run directory, for eval/sample/probe."""
+  cfg, family, graphdef, state, mesh_, restored_step = _restore_run(workdir)
+  return cfg, family, data.load_corpus(cfg.data, workdir), graphdef, state, mesh_, restored_step
+
+
+def _restore_run(workdir):
+  """load_run without the corpus (reading it can take seconds): (cfg, family, graphdef, state, mesh, step)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{workdir} is not a run directory (no config.json)")
   cfg = config.from_dict(json.load(open(path))["config"])
   family = archs.get_family(cfg.family)
-  corpus = data.load_corpus(cfg.data, workdir)
   mesh_ = mesh.make_mesh(cfg.mesh)
   tx = step.make_optimizer(cfg.train)
   graphdef, abstract, _, _ = abstract_state(family, cfg, tx, mesh_)
@@ -102,7 +107,7 @@ def load_run(workdir):
   ckpt.close()
   if state is None:
     raise FileNotFoundError(f"{workdir}/checkpoints has no readable checkpoint")
-  return cfg, family, corpus, graphdef, state, mesh_, restored_step
+  return cfg, family, graphdef, state, mesh_, restored_step
 
 
 def evaluate(family, graphdef, state, corpus, cfg, mesh_):
@@ -173,7 +178,7 @@ def _params_from(run_dir, family, model_cfg):
   """The latest parameters of run_dir, checked against model_cfg's (same tree, shapes and dtypes)."""
   if not os.path.isfile(os.path.join(run_dir, "config.json")):
     raise config.ConfigError(f"train.init_from={run_dir!r}: not a run directory (no config.json)")
-  theirs = load_run(run_dir)[4]["params"]
+  theirs = _restore_run(run_dir)[3]["params"]
   mine = nnx.state(nnx.eval_shape(lambda: family.build(model_cfg, nnx.Rngs(0))), nnx.Param)
   flat = lambda t: {jax.tree_util.keystr(k): (x.shape, str(x.dtype))
                     for k, x in jax.tree_util.tree_flatten_with_path(t)[0]}
