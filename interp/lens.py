@@ -54,6 +54,19 @@ def unembed(model, h_normed, name=None):
   return _readout(model, name)[1](h_normed)
 
 
+def readout_terms(model, h_ND, token_ids_N, name=None, normed=False):
+  """(n, d) per-dimension terms of the logit lens's logit for token_ids_N[i] read from h_ND[i]: final_norm(h)
+  times the head's row for that token, so each row sums to the lens logit (less the head's bias). A probe on
+  these terms reads every token with one d-wide map, through the model's own output space.
+  normed: h is already the final norm's output (the value named final_norm)."""
+  norm, head = _readout(model, name)
+  d = h_ND.shape[-1]
+  eye = jnp.eye(d, dtype=jnp.float32)
+  w_DV = head(eye) - head(jnp.zeros((1, d), jnp.float32))  # the head's linear part, (d, vocab)
+  hn = h_ND if normed else norm(h_ND)
+  return hn.astype(jnp.float32) * w_DV[:, token_ids_N].T
+
+
 def coda_lens(model, s_BLD, segment_ids_BL=None):
   """Recurrent depth: the logits the model gives when the core stops at state s (coda blocks, norm, head)."""
   b, l, _ = s_BLD.shape

@@ -10,7 +10,15 @@ selectivity = accuracy - control accuracy (R^2 - control R^2 for values) is what
 With unbalanced classes that difference alone can mislead: a probe at the majority rate (it learned nothing)
 shows selectivity > 0 whenever memorising types pulls the control below the majority rate (e.g. reach's
 frontier membership, 86% "no"). So class probes also report above_majority = accuracy - majority rate, with
-its interval; a claim that a layer encodes the target needs both intervals above 0.
+its interval; a claim that a layer encodes the target needs both intervals above 0. Binary probes also report
+the area under the ROC curve of their margin (auroc, control_auroc, auroc_selectivity): at an 86% majority a
+probe can rank the items well and still never cross 50% confidence, which accuracy cannot see.
+
+A type-mapped control is degenerate when the probe's input names the type itself: a frontier-membership
+probe must be told which node v it is asked about, so it learns "v -> label" exactly (control accuracy
+0.97-1.0 on reach, measured) and every selectivity comes out negative. For such targets `control_x` gives
+the control's *inputs* instead: the task's own labels on mismatched inputs (another example's activation
+beside the same query), so the control keeps every type and label statistic and loses only the example.
 
 Confidence intervals are a paired percentile bootstrap over held-out items (the probe and its control are
 scored on the same resample, so the interval is for their difference), 95% by default. The held-out split is
@@ -88,11 +96,31 @@ def fit(x_ND, y_SN, kind, n_out, *, steps=300, l2=1e-3, lr=0.05):
   return {"w": np.asarray(params["w"]), "b": np.asarray(params["b"]), "mu": mu, "sd": sd}
 
 
+def outputs(params, x_ND):
+  """(S, n, n_out) logits (classes) or values of the S probes in params."""
+  x = (np.asarray(x_ND, np.float32) - params["mu"]) / params["sd"]
+  return np.einsum("nd,sdo->sno", x, params["w"]) + params["b"][:, None]
+
+
 def predict(params, x_ND, kind):
   """(S, n) predicted classes or (S, n, k) values of the S probes in params."""
-  x = (np.asarray(x_ND, np.float32) - params["mu"]) / params["sd"]
-  out = np.einsum("nd,sdo->sno", x, params["w"]) + params["b"][:, None]
+  out = outputs(params, x_ND)
   return out.argmax(-1) if kind == "class" else out
+
+
+def auroc(score_N, label_N):
+  """Area under the ROC curve of scores for binary labels (ties count half); 0.5 when one class is absent."""
+  score_N, label_N = np.asarray(score_N, np.float64), np.asarray(label_N).astype(bool)
+  n1, n0 = int(label_N.sum()), int((~label_N).sum())
+  if n1 == 0 or n0 == 0:
+    return 0.5
+  order = np.argsort(score_N, kind="stable")
+  ranks = np.empty(len(score_N))
+  sorted_scores = score_N[order]
+  # average ranks over ties (1-based)
+  _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+  ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)
+  return float((ranks[label_N].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
 
 
 def control_labels(types_N, labels_N, seed=0):
@@ -132,15 +160,16 @@ def _bootstrap(score, n, n_boot, seed, level=0.95):
   return [float(lo), float(hi)]
 
 
-def probe(x_ND, labels_N, types_N, groups_N=None, *, kind="class", n_classes=None, seed=0, n_boot=500,
-          test_frac=0.25, steps=300, l2=1e-3, lr=0.05):
+def probe(x_ND, labels_N, types_N, groups_N=None, *, kind="class", n_classes=None, control_x=None, seed=0,
+          n_boot=500, test_frac=0.25, steps=300, l2=1e-3, lr=0.05):
   """Train a probe and its control task on the same inputs; held-out scores with a paired bootstrap interval.
 
   kind "class": labels_N ints in [0, n_classes); reports accuracy, control_accuracy, selectivity and
   `majority` (the held-out rate of the most frequent training label, the chance level to compare with).
   kind "value": labels_N floats (n,) or (n, k); reports r2, control_r2 and selectivity (their difference).
-  types_N: the item's type for the control map. groups_N: items of one group are held out together
-  (default: every item its own group). Returns a dict of floats and lists (JSON-ready) plus `correct`
+  types_N: the item's type for the control map. control_x (n, d): the control's inputs instead (trained on the
+  task's labels; see the module docstring); types_N is then unused. groups_N: items of one group are held out
+  together (default: every item its own group). Returns a dict of floats and lists (JSON-ready) plus `correct`
   (held-out per-item hits of the probe, for the monitorability score) and `test_mask`.
   """
   x = np.asarray(x_ND, np.float32)
@@ -154,7 +183,9 @@ def probe(x_ND, labels_N, types_N, groups_N=None, *, kind="class", n_classes=Non
   groups = np.arange(n) if groups_N is None else np.asarray(groups_N)
   train = split(groups, test_frac, seed)
   test = ~train
-  control = control_labels(types_N, labels, seed)
+  if control_x is not None and np.shape(control_x) != x.shape:
+    raise ValueError(f"probe: control_x {np.shape(control_x)} must have the inputs' shape {x.shape}")
+  control = labels if control_x is not None else control_labels(types_N, labels, seed)
   if kind == "class":
     n_classes = int(n_classes or labels.max() + 1)
     if labels.min() < 0 or labels.max() >= n_classes:
@@ -166,12 +197,18 @@ def probe(x_ND, labels_N, types_N, groups_N=None, *, kind="class", n_classes=Non
     if y.ndim == 2:
       y = y[..., None]
     n_out = y.shape[-1]
-  params = fit(x[train], y[:, train], kind, n_out, steps=steps, l2=l2, lr=lr)
-  pred = predict(params, x[test], kind)
+  kw = dict(steps=steps, l2=l2, lr=lr)
+  if control_x is None:
+    out_SMO = outputs(fit(x[train], y[:, train], kind, n_out, **kw), x[test])
+  else:
+    xc = np.asarray(control_x, np.float32)
+    out_SMO = np.concatenate([outputs(fit(x[train], y[:1, train], kind, n_out, **kw), x[test]),
+                              outputs(fit(xc[train], y[1:, train], kind, n_out, **kw), xc[test])])
+  pred = out_SMO.argmax(-1) if kind == "class" else out_SMO
   yt = y[:, test]
   m = int(test.sum())
   out = {"kind": kind, "n_train": int(train.sum()), "n_test": m, "ci_method": f"paired percentile bootstrap over "
-         f"held-out items, {n_boot} resamples, 95%"}
+         f"held-out items, {n_boot} resamples, 95%", "control": "types" if control_x is None else "inputs"}
   if kind == "class":
     hit = pred == yt  # (2, m)
     values, counts = np.unique(labels[train], return_counts=True)
@@ -184,6 +221,14 @@ def probe(x_ND, labels_N, types_N, groups_N=None, *, kind="class", n_classes=Non
                above_majority=float(hit[0].mean() - major.mean()),
                accuracy_ci=_bootstrap(acc, m, n_boot, seed), selectivity_ci=_bootstrap(sel, m, n_boot, seed),
                above_majority_ci=_bootstrap(above, m, n_boot, seed))
+    if n_classes == 2:
+      margin = out_SMO[..., 1] - out_SMO[..., 0]
+      roc = lambda s, idx: auroc(margin[s, idx], yt[s, idx])
+      everything = np.arange(m)
+      out.update(auroc=roc(0, everything), control_auroc=roc(1, everything),
+                 auroc_selectivity=roc(0, everything) - roc(1, everything),
+                 auroc_ci=_bootstrap(lambda idx: roc(0, idx), m, n_boot, seed),
+                 auroc_selectivity_ci=_bootstrap(lambda idx: roc(0, idx) - roc(1, idx), m, n_boot, seed))
     correct = hit[0]
   else:
     r2 = lambda s, idx: _r2(pred[s, idx], yt[s, idx])

@@ -6,13 +6,16 @@ Files (all under RUN/probe/):
   probes.json          {target: {layer: {step: probe result}}}: accuracy, control_accuracy, selectivity with
                        its bootstrap interval, majority (chance), and the same probe on the randomly
                        initialised model the run started from (train.seed: its step-0 weights;
-                       random_accuracy, random_selectivity); step "all" pools steps
+                       random_accuracy, random_selectivity); step "all" pools steps. Binary targets
+                       (reach's frontier) add auroc and auroc_selectivity; frontier's control is the
+                       mismatched-example one (interp.probes, `control: "inputs"`)
   faithfulness.json    interp.faithfulness.run_tests' summary (early answering, adding mistakes, filler)
   monitorability.json  the score with the monitor used (target, layer) and its parts
   lens.json            logit-lens trajectories per layer x step (lens_trajectories)
   patching.json        activation-patching effects, both directions (reach on coconut / nocot layouts)
   summary.json         run, checkpoint step, family, task, mode, items, what was skipped and why, and each
-                       target's pooled selectivity and accuracy above the majority rate per layer
+                       target's pooled selectivity and accuracy above the majority rate per layer (and
+                       auroc, auroc_selectivity where reported)
   probes_<target>.png  accuracy / selectivity / above-majority / random-init accuracy heatmaps, layer x step
   faithfulness.png     early-answering and adding-mistakes curves
   lens.png             lens trajectories;  patching_<direction>_<names>.png  patching heatmaps
@@ -24,11 +27,12 @@ position (see interp.targets), so its "layers" are the recurrences.
 import json
 import os
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from interp import capture, faithfulness, probes, targets
+from interp import capture, faithfulness, lens, probes, targets
 from train import reasoning_tasks as rt
 from train.metrics import write_json_atomic
 
@@ -65,8 +69,30 @@ def activations(family_name, model, rows_BL, pos_list, chunk=64):
   return {name: np.concatenate(out[name]) for name in order}
 
 
-def _probe_grid(tgts, acts, acts_random, pos_index, bar, seed=0, n_boot=200):
-  """{target: {layer: {step: result}}} and the pooled per-item hits of every target x layer (for the monitor)."""
+def mismatched_columns(t, cols):
+  """For each item of t, the activation column of step t.step in the next example that has that step (the
+  examples of a step in a cycle): the control inputs of a query target, same step and query, other example."""
+  where = {(int(e), int(k)): int(c) for e, k, c in zip(t.example, t.step, cols)}
+  other = {}
+  for k in set(t.step.tolist()):
+    ex = sorted({e for e, kk in where if kk == k})
+    other.update({(e, k): (ex[(i + 1) % len(ex)], k) for i, e in enumerate(ex)})
+  partner = [other[(int(e), int(k))] for e, k in zip(t.example, t.step)]
+  return np.array([p[0] for p in partner]), np.array([where[p] for p in partner])
+
+
+def query_inputs(t, acts, layer, cols, model, family_name):
+  """A query target's probe inputs at one layer, read through model's lens for each item's token
+  (lens.readout_terms), and its control's: the same read of another example's activation at that step."""
+  other_ex, other_cols = mismatched_columns(t, cols)
+  normed = family_name == "recurrent" and layer == "final_norm"
+  terms = lambda h: np.asarray(lens.readout_terms(model, jnp.asarray(h), t.query, normed=normed))
+  return terms(acts[layer][t.example, cols]), terms(acts[layer][other_ex, other_cols])
+
+
+def _probe_grid(tgts, acts, acts_random, pos_index, bar, seed=0, n_boot=200, readers=None):
+  """{target: {layer: {step: result}}} and the pooled per-item hits of every target x layer (for the monitor).
+  readers: (model, random model, family) for query targets, read through each model's logit lens."""
   grid, pooled = {}, {}
   for name, t in tgts.items():
     cols = pos_index[t.pos]
@@ -74,17 +100,20 @@ def _probe_grid(tgts, acts, acts_random, pos_index, bar, seed=0, n_boot=200):
     for layer in acts:
       x_all = acts[layer][t.example, cols]
       xr_all = acts_random[layer][t.example, cols]
-      if t.pos2 is not None:  # a diagonal bilinear probe: the product with the second position's activation
-        x_all = x_all * acts[layer][t.example, pos_index[t.pos2]]
-        xr_all = xr_all * acts_random[layer][t.example, pos_index[t.pos2]]
+      xc_all = xrc_all = None
+      if t.query is not None:
+        model, random_model, family_name = readers
+        x_all, xc_all = query_inputs(t, acts, layer, cols, model, family_name)
+        xr_all, xrc_all = query_inputs(t, acts_random, layer, cols, random_model, family_name)
       for k in steps + ["all"]:
         sel = np.ones(len(t.step), bool) if k == "all" else t.step == k
         bar.update(1)
         if len(np.unique(t.example[sel])) < 4:
           continue
         kw = dict(kind="class", n_classes=t.n_classes, seed=seed, n_boot=n_boot)
-        r = probes.probe(x_all[sel], t.label[sel], t.type[sel], t.example[sel], **kw)
-        rr = probes.probe(xr_all[sel], t.label[sel], t.type[sel], t.example[sel], **kw)
+        ctl = lambda xc: None if xc is None else xc[sel]
+        r = probes.probe(x_all[sel], t.label[sel], t.type[sel], t.example[sel], control_x=ctl(xc_all), **kw)
+        rr = probes.probe(xr_all[sel], t.label[sel], t.type[sel], t.example[sel], control_x=ctl(xrc_all), **kw)
         res = probes.json_ready(r)
         res.update(random_accuracy=rr["accuracy"], random_selectivity=rr["selectivity"])
         grid.setdefault(name, {}).setdefault(layer, {})[str(k)] = res
@@ -142,7 +171,6 @@ def lens_trajectories(model, family_name, acts, items, examples, pos_index):
   from the start, with the fraction of items where the frontier gets more."""
   import jax
 
-  from interp import lens
   layers = list(acts)
   read = jax.jit(lambda h, normed: jax.nn.softmax(
       lens.unembed(model, h) if normed else lens.logit_lens(model, h), -1), static_argnums=1)
@@ -301,8 +329,7 @@ def run(run_dir, suite="cot", task=None, n=None, seed=0, progress=True):
   examples = corpus.eval_examples()[:n]
   rows = targets.batch(examples, lay, cfg.data.seq_len)["inputs"]
   tgts = targets.targets(examples, lay)
-  pos_list = sorted({int(p) for t in tgts.values() for p in np.concatenate([t.pos] + ([t.pos2] if t.pos2 is not None
-                                                                                     else []))})
+  pos_list = sorted({int(p) for t in tgts.values() for p in t.pos})
   pos_index = np.zeros(rows.shape[1], np.int64)
   pos_index[pos_list] = np.arange(len(pos_list))
   out_dir = os.path.join(run_dir, "probe")
@@ -321,7 +348,8 @@ def run(run_dir, suite="cot", task=None, n=None, seed=0, progress=True):
   n_faith = 0 if subj is None else 3 * (subj.get("n") or lay.depth + 1) + 2
   with tqdm(total=n_jobs + n_faith + 2, desc=f"probe {os.path.basename(run_dir.rstrip('/'))}", disable=not progress,
             dynamic_ncols=True) as bar:
-    grid, pooled = _probe_grid(tgts, acts, acts_random, pos_index, bar, seed)
+    grid, pooled = _probe_grid(tgts, acts, acts_random, pos_index, bar, seed,
+                               readers=(model, random_model, cfg.family))
     write_json_atomic(os.path.join(out_dir, "probes.json"), grid)
     faith = None
     if subj is not None:
@@ -340,7 +368,8 @@ def run(run_dir, suite="cot", task=None, n=None, seed=0, progress=True):
       summary["skipped"]["patching"] = patch_out["skipped"]
     bar.update(1)
   summary["plots"] = [os.path.basename(p) for p in _plots(out_dir, grid, faith, lens_out) + patch_png]
-  summary["probes"] = {name: {layer: {key: v["all"][key] for key in ("selectivity", "above_majority")}
+  summary["probes"] = {name: {layer: {key: v["all"][key] for key in ("selectivity", "above_majority", "auroc",
+                                                                    "auroc_selectivity") if key in v["all"]}
                               for layer, v in by_layer.items() if "all" in v} for name, by_layer in grid.items()}
   write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
   return summary

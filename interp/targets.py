@@ -15,9 +15,11 @@ Targets (class labels; `types` name the entity the control task maps to a random
   reach     path: the path node at step k (its letter, 0..25); type: (step k, the start node), what a probe
             could read without following the graph.
             frontier: one item per (step k, node v of the graph), label 1 when v is in the BFS frontier at
-            step k (the nodes at distance k + 1 from the start); its input is the elementwise product of the
-            activation at step k and the activation at v's first mention in the question (`pos2`), a
-            diagonal bilinear probe; type: the node
+            step k (the nodes at distance k + 1 from the start); its input is the activation at step k read
+            through the logit lens for v (`query`, lens.readout_terms: final_norm(h) times the head's row for
+            v, which sums to the lens logit of v), so one d-wide probe asks about every node; control: the
+            same probe on another example's activation at step k (probes' `control_x`: a type-mapped
+            control is learned exactly by any probe that is told v); type: the node
   mult      sum_digit{i}: digit i (least significant first) of the running sum after partial product k;
             type: (k, the multiplier digit b_k), i.e. what the step reads from the question
   vartrack  value: the chain variable's value at step k (0..9); type: the variable's letter
@@ -47,7 +49,7 @@ class Target:
   pos: np.ndarray
   label: np.ndarray
   type: np.ndarray
-  pos2: np.ndarray = None  # a second position whose activation multiplies the first (frontier membership)
+  query: np.ndarray = None  # a token id the activation is read for (frontier membership: the node's byte)
 
 
 def step_positions(ex, lay, at="end"):
@@ -94,17 +96,16 @@ def step_labels(ex):
 
 
 def frontier(examples, lay, at="end"):
-  """The reach `frontier` Target: (example, step k, node v) items, v's position in pos2."""
+  """The reach `frontier` Target: (example, step k, node v) items, v's byte in `query`."""
   rows = []
   for row, ex in enumerate(examples):
     pos = step_positions(ex, lay, at)
-    q0 = lay.prefix_len - 1 - len(ex.question)  # row index of the question's first byte
     nodes = sorted(set(c for c in ex.question if c.isalpha()))
     for k, members in enumerate(ex.intermediates["frontier"][:len(pos)]):
       for v in nodes:
-        rows.append((row, k, pos[k], int(v in members), _node(v), q0 + ex.question.index(v)))
+        rows.append((row, k, pos[k], int(v in members), _node(v), ord(v)))
   cols = np.array(rows, np.int64).reshape(-1, 6).T
-  return Target("frontier", 2, *cols[:5], pos2=cols[5])
+  return Target("frontier", 2, *cols[:5], query=cols[5])
 
 
 def written_sums(ex):

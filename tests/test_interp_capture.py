@@ -224,6 +224,17 @@ def test_tuned_lens_starts_as_logit_lens_and_training_lowers_kl():
   assert losses[-1] < 0.7 * losses[0] and after < 0.9 * before, (losses[0], losses[-1], before, after)
 
 
+def test_readout_terms_sum_to_the_logit_lens_logit_of_the_queried_token():
+  model, x, out, cache = _full_run("lm")
+  h = cache["blocks.0.resid_post"].reshape(-1, 16)
+  ids = np.random.default_rng(0).integers(0, 262, len(h))
+  terms = lens.readout_terms(model, h, ids)
+  want = lens.logit_lens(model, h)[np.arange(len(h)), ids]
+  np.testing.assert_allclose(np.asarray(terms.sum(-1)), np.asarray(want), rtol=1e-4, atol=1e-4)
+  normed = lens.readout_terms(model, model.backbone.final_norm(h), ids, normed=True)
+  np.testing.assert_allclose(np.asarray(normed), np.asarray(terms), rtol=1e-5, atol=1e-6)
+
+
 def test_byte_lens_rejects_global_states():
   model, *_ = _megabyte()
   with pytest.raises(ValueError, match="local"):

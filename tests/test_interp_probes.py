@@ -56,6 +56,43 @@ def test_control_task_is_a_fixed_map_of_the_type_that_a_probe_can_memorise():
   assert r["accuracy"] > 0.95 and r["control_accuracy"] > 0.95, r
 
 
+def test_auroc_is_the_pairwise_count():
+  rng = np.random.default_rng(0)
+  score = rng.integers(0, 5, 200).astype(float)  # many ties
+  label = rng.random(200) < 0.2
+  pos, neg = score[label], score[~label]
+  want = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
+  assert probes.auroc(score, label) == pytest.approx(want)
+  assert probes.auroc(score, np.zeros(200)) == 0.5
+
+
+def test_mismatched_input_control_separates_an_example_feature_from_a_type_prior():
+  """A query probe is told the type (a one-hot), so a type-mapped control is learned exactly; the control on
+  another example's inputs keeps the type prior and loses only what the example's own activation adds."""
+  rng = np.random.default_rng(0)
+  n, n_types = 1200, 12
+  types = rng.integers(0, n_types, n)
+  prior = rng.random(n_types) < 0.3
+  example_bit = rng.random(n) < 0.5
+  labels = (prior[types] & example_bit).astype(int)  # needs both the type and this example's feature
+  own = np.concatenate([np.eye(n_types)[types], 2.0 * example_bit[:, None] + rng.normal(size=(n, 4))], 1)
+  other = own.copy()
+  other[:, n_types:] = np.roll(own[:, n_types:], 7, axis=0)  # another example's feature, same type
+  typed = probes.probe(own, labels, types, groups_N=np.arange(n) // 2)
+  assert typed["control_accuracy"] > 0.97, typed  # the degenerate control: memorised from the type
+  r = probes.probe(own, labels, types, groups_N=np.arange(n) // 2, control_x=other)
+  assert r["control"] == "inputs" and r["auroc"] > 0.98 and r["selectivity_ci"][0] > 0.1, r
+  # the type prior alone ranks the never-positive types last and ties the rest: AUROC about
+  # (P(neg type) + P(neg in a pos type) / 2) / P(neg) = 0.91 here, not 1
+  assert 0.8 < r["control_auroc"] < 0.97 and r["auroc_selectivity_ci"][0] > 0.02, r
+  other2 = own.copy()
+  other2[:, n_types:] = np.roll(own[:, n_types:], 5, axis=0)
+  null = probes.probe(other, labels, types, groups_N=np.arange(n) // 2, control_x=other2)  # neither is its own
+  assert null["auroc_selectivity_ci"][0] < 0.0 < null["auroc_selectivity_ci"][1], null
+  with pytest.raises(ValueError, match="control_x"):
+    probes.probe(own, labels, types, control_x=other[:, :3])
+
+
 def test_ridge_recovers_a_planted_value():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(500, 24))
@@ -259,7 +296,7 @@ def test_probe_cli_writes_json_and_plots(tmp_path, capsys):
 # ----------------------------------------------------------------------------- targets and interventions
 
 from archs import recurrent  # noqa: E402
-from interp import targets  # noqa: E402
+from interp import suite, targets  # noqa: E402
 
 
 @pytest.mark.parametrize("mode", ["cot", "coconut"])
@@ -276,10 +313,14 @@ def test_target_positions_point_at_the_steps(mode):
     if mode == "coconut":
       assert p - lay.prefix_len == k  # c = 1 thought per step, from <bot>'s next slot on
   f = tg["frontier"]
-  for e, k, p2, label in zip(f.example, f.step, f.pos2, f.label):
-    v = chr(rows[e, p2])  # pos2 is the node's first mention
-    assert label == (v in examples[e].intermediates["frontier"][k])
+  for e, k, q, label in zip(f.example, f.step, f.query, f.label):
+    v = chr(q)  # the node's byte, read through the lens
+    assert v in examples[e].question and label == (v in examples[e].intermediates["frontier"][k])
   assert 0 < f.label.mean() < 0.5
+  other_ex, other_cols = suite.mismatched_columns(f, f.pos)
+  assert np.all(other_ex != f.example)
+  for e, k, oe, oc in zip(f.example, f.step, other_ex, other_cols):  # the other example's own step k
+    assert oc == targets.step_positions(examples[oe], lay)[k]
 
 
 def test_thought_and_state_interventions_change_only_what_they_replace():

@@ -98,7 +98,7 @@ def _check_coconut_thoughts(s):
   assert list(s["probe"]) == ["embed"] + [f"blocks.{i}.resid_post" for i in range(n_layers)]
   for by_k in s["probe"].values():
     for v in by_k.values():
-      assert all(_unit(v[q]) for q in ("accuracy", "control_accuracy", "majority", "random_accuracy")), v
+      assert all(_unit(v[q]) for q in ("accuracy", "control_accuracy", "majority", "random_accuracy", "auroc")), v
       assert v["selectivity"] == pytest.approx(v["accuracy"] - v["control_accuracy"])
       lo, hi = v["selectivity_ci"]
       assert lo <= v["selectivity"] + 1e-9 and v["selectivity"] <= hi + 1e-9, v

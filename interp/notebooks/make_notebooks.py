@@ -176,20 +176,21 @@ COCONUT_THOUGHTS = [
     ## A frontier probe on thought *k*, with its control task
 
     `interp.targets.frontier` makes one item per (question, step *k*, node *v* of the graph): label 1 when *v* is in
-    the frontier at step *k*. The probe's input is the elementwise product of the activation at thought *k*'s slot
-    and the activation at *v*'s first mention in the question: a diagonal bilinear probe, so one linear map can
-    answer "is this node in the frontier?" for any node.
+    the frontier at step *k*. The probe's input is thought *k*'s activation read through the logit lens for *v*
+    (`lens.readout_terms`: the final norm of the activation times the head's row for *v*, terms that sum to the
+    lens logit of *v*), so one d-wide linear map answers "is this node in the frontier?" for any node.
 
-    The **control task** gives each node a fixed random label (drawn from the label distribution): a probe that only
-    memorises node identities does as well on it. **Selectivity** = accuracy - control accuracy is what the thought
-    adds, with a 95% paired bootstrap interval over held-out questions. The same probe on a **randomly initialised**
-    model of the same config is the other baseline, and `majority` is the chance level (most nodes are not in the
-    frontier): a probe that always says "no" scores the majority rate, and its control can fall below that rate,
-    so read selectivity together with `above majority` (accuracy - majority, with its interval).
+    The **control task** is the same probe on **another question's** thought *k*, asked about the same nodes: it
+    keeps every node and label statistic and loses only this question's thought. (A control that gives each node a
+    fixed random label is learned exactly by a probe that is told the node, so it cannot be beaten.)
+    **Selectivity** = accuracy - control accuracy is what the thought adds, with a 95% paired bootstrap interval
+    over held-out questions. Most nodes are not in the frontier, so a probe can rank the nodes well and still say
+    "no" to all of them: read the AUROC and its selectivity too, and `above majority` (accuracy - the majority
+    rate). The same probe on a **randomly initialised** model of the same config is the other baseline.
     """),
     code("""
     t = targets.targets(examples, lay)["frontier"]
-    positions = sorted(set(t.pos.tolist()) | set(t.pos2.tolist()))
+    positions = sorted(set(t.pos.tolist()))
     column = np.zeros(rows.shape[1], int)
     column[positions] = np.arange(len(positions))
     random_model = archs.get_family(cfg.family).build(cfg.model, nnx.Rngs(cfg.train.seed + 1))
@@ -199,16 +200,17 @@ COCONUT_THOUGHTS = [
 
     probe_table = {}
     for layer in acts:
-      x = acts[layer][t.example, column[t.pos]] * acts[layer][t.example, column[t.pos2]]
-      x_random = acts_random[layer][t.example, column[t.pos]] * acts_random[layer][t.example, column[t.pos2]]
+      x, x_control = suite.query_inputs(t, acts, layer, column[t.pos], model, cfg.family)
+      x_random, x_random_control = suite.query_inputs(t, acts_random, layer, column[t.pos], random_model, cfg.family)
       for k in range(K):
         sel = t.step == k
         if len(np.unique(t.example[sel])) < 4:
           continue
-        r = probes.probe(x[sel], t.label[sel], t.type[sel], t.example[sel], **fit)
-        r_random = probes.probe(x_random[sel], t.label[sel], t.type[sel], t.example[sel], **fit)
+        r = probes.probe(x[sel], t.label[sel], t.type[sel], t.example[sel], control_x=x_control[sel], **fit)
+        r_random = probes.probe(x_random[sel], t.label[sel], t.type[sel], t.example[sel],
+                                control_x=x_random_control[sel], **fit)
         keep = ("accuracy", "control_accuracy", "selectivity", "selectivity_ci", "majority", "above_majority",
-                "above_majority_ci", "n_test")
+                "above_majority_ci", "auroc", "auroc_selectivity", "auroc_selectivity_ci", "n_test")
         probe_table.setdefault(layer, {})[f"thought {k}"] = {**{q: r[q] for q in keep},
                                                               "random_accuracy": r_random["accuracy"]}
         lo, hi = r["selectivity_ci"]
@@ -218,15 +220,17 @@ COCONUT_THOUGHTS = [
               f"{r['above_majority_ci'][1]:+.3f}]  random-init {r_random['accuracy']:.3f}")
     """),
     code("""
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    for j, (layer, by_k) in enumerate(probe_table.items()):
-      ks = [int(k.split()[1]) for k in by_k]
-      sel = np.array([v["selectivity"] for v in by_k.values()])
-      ci = np.array([v["selectivity_ci"] for v in by_k.values()]).T
-      ax.errorbar(np.array(ks) + 0.08 * j, sel, yerr=[sel - ci[0], ci[1] - sel], fmt="o-", capsize=3, label=layer)
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.set(xlabel="thought k", ylabel="selectivity (95% CI)", title="frontier probe: accuracy - control accuracy")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.2))
+    for ax, key, title in ((axes[0], "selectivity", "accuracy - control accuracy"),
+                           (axes[1], "auroc_selectivity", "AUROC - control AUROC")):
+      for j, (layer, by_k) in enumerate(probe_table.items()):
+        ks = [int(k.split()[1]) for k in by_k]
+        sel = np.array([v[key] for v in by_k.values()])
+        ci = np.array([v[f"{key}_ci"] for v in by_k.values()]).T
+        ax.errorbar(np.array(ks) + 0.08 * j, sel, yerr=[sel - ci[0], ci[1] - sel], fmt="o-", capsize=3, label=layer)
+      ax.axhline(0, color="grey", lw=0.5)
+      ax.set(xlabel="thought k", ylabel="95% CI", title=f"frontier probe: {title}")
+      ax.legend(fontsize=7)
     plt.show()
     """),
     md("""
@@ -237,8 +241,8 @@ COCONUT_THOUGHTS = [
       0.5), most clearly in the last block (the thought itself, what the next pass reads). Letter priors the model
       learned from the questions move both sets; differences of a few thousandths are not a search (a model
       trained for a minute here gives wins below 0.5).
-    * A probe is evidence only with its baselines: selectivity above 0 with its interval clear of 0, and accuracy
-      above both the majority rate and the random-init model's. `embed` at thought *k*'s slot is the thought vector
+    * A probe is evidence only with its baselines: selectivity (accuracy or AUROC) above 0 with its interval clear
+      of 0, and accuracy or AUROC above the random-init model's. `embed` at thought *k*'s slot is the thought vector
       itself (the thought is the input there).
     * The tiny model here is trained for a minute; `altbench probe RUN --suite cot` runs the same probes on every
       layer x step of a real run, with the faithfulness tests (see `cot_faithfulness.ipynb`).
