@@ -115,7 +115,8 @@ def _probe_grid(tgts, acts, acts_random, pos_index, bar, seed=0, n_boot=200, rea
         r = probes.probe(x_all[sel], t.label[sel], t.type[sel], t.example[sel], control_x=ctl(xc_all), **kw)
         rr = probes.probe(xr_all[sel], t.label[sel], t.type[sel], t.example[sel], control_x=ctl(xrc_all), **kw)
         res = probes.json_ready(r)
-        res.update(random_accuracy=rr["accuracy"], random_selectivity=rr["selectivity"])
+        res.update(random_accuracy=rr["accuracy"], random_selectivity=rr["selectivity"],
+                   **({"random_auroc": rr["auroc"]} if "auroc" in rr else {}))
         grid.setdefault(name, {}).setdefault(layer, {})[str(k)] = res
         test = np.flatnonzero(sel)[r["test_mask"]]
         pooled[(name, layer, str(k))] = {(int(t.example[i]), int(t.step[i])): bool(c)

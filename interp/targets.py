@@ -19,7 +19,9 @@ Targets (class labels; `types` name the entity the control task maps to a random
             through the logit lens for v (`query`, lens.readout_terms: final_norm(h) times the head's row for
             v, which sums to the lens logit of v), so one d-wide probe asks about every node; control: the
             same probe on another example's activation at step k (probes' `control_x`: a type-mapped
-            control is learned exactly by any probe that is told v); type: the node
+            control is learned exactly by any probe that is told v); type: the node.
+            frontier_noncandidate: the same without the question's two answer options as v (the last
+            frontier usually holds the answer: does the thought hold more of the frontier than that?)
   mult      sum_digit{i}: digit i (least significant first) of the running sum after partial product k;
             type: (k, the multiplier digit b_k), i.e. what the step reads from the question
   vartrack  value: the chain variable's value at step k (0..9); type: the variable's letter
@@ -95,17 +97,20 @@ def step_labels(ex):
   raise ValueError(f"task={ex.task!r}: no probe targets (valid: reach, mult, vartrack)")
 
 
-def frontier(examples, lay, at="end"):
-  """The reach `frontier` Target: (example, step k, node v) items, v's byte in `query`."""
+def frontier(examples, lay, at="end", candidates=True):
+  """The reach `frontier` Target: (example, step k, node v) items, v's byte in `query`. candidates=False
+  leaves out the question's two answer options (`frontier_noncandidate`): the last frontier usually holds the
+  answer, so a thought that only holds its answer already scores on the full target."""
   rows = []
   for row, ex in enumerate(examples):
     pos = step_positions(ex, lay, at)
-    nodes = sorted(set(c for c in ex.question if c.isalpha()))
+    skip = set() if candidates else {ex.answer, ex.intermediates["distractor"]}
+    nodes = sorted(set(c for c in ex.question if c.isalpha()) - skip)
     for k, members in enumerate(ex.intermediates["frontier"][:len(pos)]):
       for v in nodes:
         rows.append((row, k, pos[k], int(v in members), _node(v), ord(v)))
   cols = np.array(rows, np.int64).reshape(-1, 6).T
-  return Target("frontier", 2, *cols[:5], query=cols[5])
+  return Target("frontier" if candidates else "frontier_noncandidate", 2, *cols[:5], query=cols[5])
 
 
 def written_sums(ex):
@@ -155,6 +160,7 @@ def targets(examples, lay, at="end"):
     out[name] = _target(name, items["n_classes"], items["rows"])
   if examples and examples[0].task == "reach":
     out["frontier"] = frontier(examples, lay, at)
+    out["frontier_noncandidate"] = frontier(examples, lay, at, candidates=False)
   if examples and examples[0].task == "mult" and lay.mode == "cot" and at == "end":
     out.update(written_sum_targets(examples, lay))
   return out

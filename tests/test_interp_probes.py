@@ -317,6 +317,11 @@ def test_target_positions_point_at_the_steps(mode):
     v = chr(q)  # the node's byte, read through the lens
     assert v in examples[e].question and label == (v in examples[e].intermediates["frontier"][k])
   assert 0 < f.label.mean() < 0.5
+  g = tg["frontier_noncandidate"]
+  kept = {(int(e), int(k), int(q)) for e, k, q in zip(g.example, g.step, g.query)}
+  options = lambda e: {examples[e].answer, examples[e].intermediates["distractor"]}
+  assert kept == {(int(e), int(k), int(q)) for e, k, q in zip(f.example, f.step, f.query) if chr(q) not in options(e)}
+  assert len(kept) < len(f.example)
   other_ex, other_cols = suite.mismatched_columns(f, f.pos)
   assert np.all(other_ex != f.example)
   for e, k, oe, oc in zip(f.example, f.step, other_ex, other_cols):  # the other example's own step k
