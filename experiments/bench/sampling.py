@@ -2,23 +2,29 @@
 
 For each sampler prints tokens/s, model calls and, when a trained AR judge run is given, the judge's bits
 per byte on the samples (generative perplexity, lower is better) and the samples' unigram entropy in bits
-(very low entropy flags repetitive text, which fools perplexity). Without run directories the models are
-random-init (cost only).
+(very low entropy flags repetitive text, which fools perplexity). The judge is --judge-run, else the AR run
+itself (which flatters the AR samples: a model likes its own samples; give another run trained on the same
+data for a fair judge). The held-out text's own bpb under the judge is printed as the reference level.
+Without run directories the models are random-init (cost only).
 
   python experiments/bench/sampling.py                                   # cost on random-init models
-  python experiments/bench/sampling.py --ar-run runs/ar --diffusion-run runs/mdlm   # cost and quality
+  python experiments/bench/sampling.py --ar-run runs/ar --diffusion-run runs/mdlm --judge-run runs/ar2
 """
 
 import argparse
 import json
 import math
+import os
 import platform
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))  # not bench/kernels.py
 
 from archs import diffusion, lm
 
@@ -29,6 +35,15 @@ def _load(run):
   from train import loop
   cfg, family, corpus, graphdef, state, _, _ = loop.load_run(run)
   return cfg, nnx.merge(graphdef, state["params"], state["rest"])
+
+
+def _heldout(run, batch, length):
+  """batch windows of `length` tokens evenly spaced over the run's held-out stream (mostly mid-document, so
+  the judge, which reads each after an <eos>, scores them a little worse than document openings)."""
+  from train import loop
+  _, _, corpus, *_ = loop.load_run(run)
+  starts = np.linspace(0, len(corpus.eval) - length - 1, batch).astype(int)
+  return jnp.asarray(corpus.eval[starts[:, None] + np.arange(length)])
 
 
 def judge_bpb(judge, samples_BL):
@@ -49,12 +64,16 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--ar-run")
   parser.add_argument("--diffusion-run")
+  parser.add_argument("--judge-run", help="an AR run that scores the samples (default: --ar-run)")
+  parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--length", type=int, default=128)
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--steps", type=int, nargs="+", default=[16, 64, 128])
   args = parser.parse_args()
+  judge = None
   if args.ar_run:
     _, ar = _load(args.ar_run)
+    judge = _load(args.judge_run)[1] if args.judge_run else ar
   else:
     ar = lm.build(lm.Config(vocab_size=262, d_model=128, n_heads=4, pattern="AAA"), nnx.Rngs(0))
   if args.diffusion_run:
@@ -77,17 +96,21 @@ def main():
     line = {"bench": "sampling", "sampler": name, "tokens_per_s": round(args.batch * n_new / dt, 1),
             "model_calls": int(calls), "length": n_new, "batch": args.batch, "device": device,
             "unigram_entropy_bits": round(unigram_entropy_bits(samples), 3)}
-    if args.ar_run:
-      line["judge_bpb"] = round(judge_bpb(ar, samples), 4)
+    if judge is not None:
+      line["judge_bpb"] = round(judge_bpb(judge, samples), 4)
     print(json.dumps(line), flush=True)
 
-  report("ar", lambda: lm.generate(ar, prompt, n_new, jax.random.key(0)), n_new)
+  key = jax.random.key(args.seed)
+  if judge is not None:
+    print(json.dumps({"bench": "sampling", "sampler": "held-out windows", "judge_bpb": round(judge_bpb(
+        judge, _heldout(args.ar_run, args.batch, n_new)), 4), "length": n_new, "batch": args.batch}), flush=True)
+  report("ar", lambda: lm.generate(ar, prompt, n_new, key), n_new)
   canvas = jnp.concatenate([prompt, jnp.full((args.batch, n_new), MASK, jnp.int32)], 1)
   fixed = jnp.broadcast_to(jnp.arange(n_new + 1)[None] < 1, canvas.shape)
   for steps in args.steps:
     for sampler in diffusion.SAMPLERS:
-      report(f"{sampler}-{steps}", lambda: diffusion.infill(dm, canvas, fixed, jax.random.key(0), steps=steps,
-                                                          sampler=sampler), None)
+      report(f"{sampler}-{steps}", lambda: diffusion.infill(dm, canvas, fixed, key, steps=steps, sampler=sampler),
+             None)
 
 
 if __name__ == "__main__":
