@@ -16,7 +16,8 @@ Files (all under RUN/probe/):
   summary.json         run, checkpoint step, family, task, mode, items, what was skipped and why, and each
                        target's pooled selectivity and accuracy above the majority rate per layer (and
                        auroc, auroc_selectivity where reported)
-  probes_<target>.png  accuracy / selectivity / above-majority / random-init accuracy heatmaps, layer x step
+  probes_<target>.png  accuracy / selectivity / above-majority / random-init accuracy (binary targets: and
+                       AUROC / AUROC selectivity) heatmaps, layer x step
   faithfulness.png     early-answering and adding-mistakes curves
   lens.png             lens trajectories;  patching_<direction>_<names>.png  patching heatmaps
 Layers: the token families' `embed` and `blocks.{i}.resid_post` (interp.capture names); recurrent depth's
@@ -255,6 +256,8 @@ def _plots(out_dir, grid, faith, lens_out=None):
     steps = sorted({k for v in by_layer.values() for k in v if k != "all"}, key=int) + ["all"]
     panels = (("accuracy", "accuracy", 0), ("selectivity", "selectivity", -0.2),
               ("above_majority", "above majority", -0.2), ("random_accuracy", "random-init accuracy", 0))
+    if any("auroc" in r for v in by_layer.values() for r in v.values()):  # binary: the ranking shows more
+      panels += (("auroc", "AUROC", 0), ("auroc_selectivity", "AUROC - control", -0.2))
     fig, axes = plt.subplots(1, len(panels), figsize=(4 + 1.2 * len(steps) * len(panels), 1 + 0.45 * len(layers)),
                              squeeze=False)
     for ax, (key, title, vmin) in zip(axes[0], panels):
