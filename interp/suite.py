@@ -72,7 +72,8 @@ def activations(family_name, model, rows_BL, pos_list, chunk=64):
 
 def mismatched_columns(t, cols):
   """For each item of t, the activation column of step t.step in the next example that has that step (the
-  examples of a step in a cycle): the control inputs of a query target, same step and query, other example."""
+  examples of a step in a cycle): the control inputs of a query target, same step and query, other example.
+  A step only one example has pairs it with itself (the probe grid skips steps with fewer than 4)."""
   where = {(int(e), int(k)): int(c) for e, k, c in zip(t.example, t.step, cols)}
   other = {}
   for k in set(t.step.tolist()):
