@@ -32,16 +32,15 @@ MASK, EOS = 258, 256
 
 
 def _load(run):
+  """(corpus, model) of a run directory."""
   from train import loop
-  cfg, family, corpus, graphdef, state, _, _ = loop.load_run(run)
-  return cfg, nnx.merge(graphdef, state["params"], state["rest"])
+  _, _, corpus, graphdef, state, _, _ = loop.load_run(run)
+  return corpus, nnx.merge(graphdef, state["params"], state["rest"])
 
 
-def _heldout(run, batch, length):
-  """batch windows of `length` tokens evenly spaced over the run's held-out stream (mostly mid-document, so
+def _heldout(corpus, batch, length):
+  """batch windows of `length` tokens evenly spaced over the corpus's held-out stream (mostly mid-document, so
   the judge, which reads each after an <eos>, scores them a little worse than document openings)."""
-  from train import loop
-  _, _, corpus, *_ = loop.load_run(run)
   starts = np.linspace(0, len(corpus.eval) - length - 1, batch).astype(int)
   return jnp.asarray(corpus.eval[starts[:, None] + np.arange(length)])
 
@@ -72,7 +71,7 @@ def main():
   args = parser.parse_args()
   judge = None
   if args.ar_run:
-    _, ar = _load(args.ar_run)
+    ar_corpus, ar = _load(args.ar_run)
     judge = _load(args.judge_run)[1] if args.judge_run else ar
   else:
     ar = lm.build(lm.Config(vocab_size=262, d_model=128, n_heads=4, pattern="AAA"), nnx.Rngs(0))
@@ -103,7 +102,7 @@ def main():
   key = jax.random.key(args.seed)
   if judge is not None:
     print(json.dumps({"bench": "sampling", "sampler": "held-out windows", "judge_bpb": round(judge_bpb(
-        judge, _heldout(args.ar_run, args.batch, n_new)), 4), "length": n_new, "batch": args.batch}), flush=True)
+        judge, _heldout(ar_corpus, args.batch, n_new)), 4), "length": n_new, "batch": args.batch}), flush=True)
   report("ar", lambda: lm.generate(ar, prompt, n_new, key), n_new)
   canvas = jnp.concatenate([prompt, jnp.full((args.batch, n_new), MASK, jnp.int32)], 1)
   fixed = jnp.broadcast_to(jnp.arange(n_new + 1)[None] < 1, canvas.shape)
