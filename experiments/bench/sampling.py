@@ -7,6 +7,10 @@ itself (which flatters the AR samples: a model likes its own samples; give anoth
 data for a fair judge). The held-out text's own bpb under the judge is printed as the reference level.
 Without run directories the models are random-init (cost only).
 
+--temperatures sweeps the softmax temperature of every sampler (AR included): lowering it trades entropy for
+judge bpb, so a diffusion sampler's quality can be matched to AR's at temperature 1 and its cost compared there
+(each line names its temperature; the entropy column says what the match cost in diversity).
+
   python experiments/bench/sampling.py                                   # cost on random-init models
   python experiments/bench/sampling.py --ar-run runs/ar --diffusion-run runs/mdlm --judge-run runs/ar2
 """
@@ -68,6 +72,7 @@ def main():
   parser.add_argument("--length", type=int, default=128)
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--steps", type=int, nargs="+", default=[16, 64, 128])
+  parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0])
   args = parser.parse_args()
   judge = None
   if args.ar_run:
@@ -84,7 +89,7 @@ def main():
   prompt = jnp.full((args.batch, 1), EOS, jnp.int32)
   n_new = args.length
 
-  def report(name, fn, calls):
+  def report(name, fn, calls, temperature):
     out = fn()  # compile
     jax.block_until_ready(out)
     t0 = time.perf_counter()
@@ -92,7 +97,8 @@ def main():
     dt = time.perf_counter() - t0
     samples = out[0][:, 1:] if isinstance(out, tuple) else out[:, 1:]
     calls = out[1] if isinstance(out, tuple) else calls
-    line = {"bench": "sampling", "sampler": name, "tokens_per_s": round(args.batch * n_new / dt, 1),
+    line = {"bench": "sampling", "sampler": name, "temperature": temperature,
+            "tokens_per_s": round(args.batch * n_new / dt, 1),
             "model_calls": int(calls), "length": n_new, "batch": args.batch, "device": device,
             "unigram_entropy_bits": round(unigram_entropy_bits(samples), 3)}
     if judge is not None:
@@ -103,13 +109,14 @@ def main():
   if judge is not None:
     print(json.dumps({"bench": "sampling", "sampler": "held-out windows", "judge_bpb": round(judge_bpb(
         judge, _heldout(ar_corpus, args.batch, n_new)), 4), "length": n_new, "batch": args.batch}), flush=True)
-  report("ar", lambda: lm.generate(ar, prompt, n_new, key), n_new)
   canvas = jnp.concatenate([prompt, jnp.full((args.batch, n_new), MASK, jnp.int32)], 1)
   fixed = jnp.broadcast_to(jnp.arange(n_new + 1)[None] < 1, canvas.shape)
-  for steps in args.steps:
-    for sampler in diffusion.SAMPLERS:
-      report(f"{sampler}-{steps}", lambda: diffusion.infill(dm, canvas, fixed, key, steps=steps, sampler=sampler),
-             None)
+  for temp in args.temperatures:
+    report("ar", lambda: lm.generate(ar, prompt, n_new, key, temperature=temp), n_new, temp)
+    for steps in args.steps:
+      for sampler in diffusion.SAMPLERS:
+        report(f"{sampler}-{steps}", lambda: diffusion.infill(dm, canvas, fixed, key, steps=steps, sampler=sampler,
+                                                              temperature=temp), None, temp)
 
 
 if __name__ == "__main__":
