@@ -47,6 +47,9 @@ class Config(backbone.Config):
   mask_id: int = -1     # <mask>, the placeholder at thought positions (filled from the tokenizer)
   bot_id: int = -1
   eot_id: int = -1
+  thought_loss: float = 0.0  # weight of the thoughts' readout loss: each thought, through the output head, should
+                             # put its mass on the tokens of the step it replaces (the batch's thought_targets;
+                             # for the BFS-frontier CoT, Coconut-BFS's frontier loss); 0: Coconut's loss only
 
   def validate(self):
     super().validate()
@@ -54,6 +57,8 @@ class Config(backbone.Config):
       raise ValueError("causal=False: continuous thoughts feed hidden states forward; the backbone must be causal")
     if self.thoughts < 0 or self.prefix_len < 0:
       raise ValueError(f"thoughts={self.thoughts}, prefix_len={self.prefix_len}: must be >= 0")
+    if self.thought_loss < 0:
+      raise ValueError(f"thought_loss={self.thought_loss}: must be >= 0")
 
 
 def build(cfg, rngs):
@@ -150,8 +155,20 @@ def answer_metrics(logits_BLV, targets_BL, mask_BL):
           "examples": jnp.sum(scored_B.astype(jnp.float32))}
 
 
+def thought_readout_nll(logits_BLV, thought_targets_BLF):
+  """(sum over scored positions of -mean_{v in targets} log p(v), scored positions): the readout loss at the
+  positions whose hidden state becomes a thought; targets are token ids, -1 padded."""
+  valid_BLF = thought_targets_BLF >= 0
+  logp_BLV = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
+  logp_BLF = jnp.take_along_axis(logp_BLV, jnp.maximum(thought_targets_BLF, 0), axis=-1)
+  n_BL = jnp.sum(valid_BLF, axis=-1)
+  nll_BL = -jnp.sum(jnp.where(valid_BLF, logp_BLF, 0.0), axis=-1) / jnp.maximum(n_BL, 1)
+  return jnp.sum(nll_BL), jnp.sum(n_BL > 0).astype(jnp.float32)
+
+
 def loss(model, batch, rng):
-  """Next-token cross-entropy over loss_mask (the remaining steps and the answer), thoughts filled in."""
+  """Next-token cross-entropy over loss_mask (the remaining steps and the answer), thoughts filled in, plus
+  thought_loss times the thoughts' mean readout loss when the config asks for it."""
   del rng
   tokens = batch["inputs"]
   logits_BLV = forward(model, tokens, batch["segment_ids"])
@@ -161,6 +178,12 @@ def loss(model, batch, rng):
   metrics = {"nats": jnp.sum(nll_BL), "tokens": n_tokens, "bytes": jnp.sum(batch["nbytes"] * mask_BL),
              **answer_metrics(logits_BLV, batch["targets"], mask_BL)}
   value = jnp.sum(nll_BL) / jnp.maximum(n_tokens, 1.0)
+  if model.cfg.thought_loss > 0:
+    if "thought_targets" not in batch:
+      raise ValueError("thought_loss > 0 needs batches with thought_targets (a reasoning task in coconut mode)")
+    thought_nats, n_thoughts = thought_readout_nll(logits_BLV, batch["thought_targets"])
+    metrics.update(thought_nats=thought_nats, thoughts=n_thoughts)
+    value = value + model.cfg.thought_loss * thought_nats / jnp.maximum(n_thoughts, 1.0)
   ok = layout_ok(model.cfg, tokens == model.cfg.mask_id)
   return jnp.where(ok, value, jnp.nan), metrics
 

@@ -17,6 +17,9 @@ is reach-coconut. Archs:
   coconut      continuous thoughts, Coconut's curriculum: stage s (every steps/(max_stage + 2) steps) replaces
                the first s steps by s * c thoughts; the last two shares of training at the final stage
   coconut-nocurriculum   the final stage (all thoughts, answer only) from step 0
+  coconut-readout        coconut with the thoughts' readout loss (`model.thought_loss=1`): through the output
+               head each thought should name the tokens of the step it replaces; on reachbfs that is its BFS
+               frontier, the frontier loss of Coconut-BFS (Zhu et al. 2025, "Emergence of superposition")
   recurrent    recurrent depth on no-CoT data: prelude 1 block, core 2 blocks iterated r ~ lognormal-Poisson
                times (mean E[r] = mean_iters + 1) with truncated backprop, coda 1 block; eval at a fixed r;
                the initial state is zero at the cpu / smoke scales, N(0, 1) (Huginn's) at full scale
@@ -44,14 +47,14 @@ from train import reasoning_tasks as rt
 from train.config import Config, DataConfig, TrainConfig, check_variant
 
 TASKS = ("reach", "reachbfs", "mult", "vartrack")
-ARCHS = ("nocot", "cot", "pause", "filler", "coconut", "coconut-nocurriculum", "recurrent")
+ARCHS = ("nocot", "cot", "pause", "filler", "coconut", "coconut-nocurriculum", "coconut-readout", "recurrent")
 SCALES = {  # suffix: (model width, batch, CoT-baseline steps, peak lr)
     "": (dict(d_model=256, n_heads=4), 64, 4000, 1e-3),
     "cpu": (dict(d_model=128, n_heads=4), 32, 3000, 3e-3),
     "smoke": (dict(d_model=64, n_heads=2), 16, 200, 3e-3)}
 VARIANTS = ("", "smoke") + tuple(f"{t}-{a}{'-' + s if s else ''}" for t in TASKS for a in ARCHS for s in SCALES)
 MODES = {"nocot": "nocot", "cot": "cot", "pause": "pause", "filler": "filler", "coconut": "coconut",
-         "coconut-nocurriculum": "coconut", "recurrent": "nocot"}
+         "coconut-nocurriculum": "coconut", "coconut-readout": "coconut", "recurrent": "nocot"}
 
 
 def task_data(task, scale, mode="cot"):
@@ -87,9 +90,10 @@ def get_config(variant=""):
   data = task_data(task, scale, MODES[arch])
   lay = rt.layout(data)
   base = coconut.Config(pattern="AAAA", **width)  # with thoughts=0: archs.lm's transformer
-  if arch in ("coconut", "coconut-nocurriculum"):
+  if arch.startswith("coconut"):
     family, model = "coconut", dataclasses.replace(base, thoughts=lay.max_stage * lay.thoughts,
-                                                   prefix_len=lay.prefix_len)
+                                                   prefix_len=lay.prefix_len,
+                                                   thought_loss=1.0 if arch == "coconut-readout" else 0.0)
   elif arch == "recurrent":
     family = "recurrent"
     # At the small scales a zero initial state learns more than Huginn's N(0, 1) (experiments/results/
@@ -106,7 +110,7 @@ def get_config(variant=""):
   per_step = lambda fam, cfg: archs.get_family(fam).flops_per_token(dataclasses.replace(cfg, vocab_size=262),
                                                                     seq_len) * seq_len * batch
   steps = max(1, round(per_step("coconut", base) * baseline_steps / per_step(family, model)))
-  if arch == "coconut":
+  if arch in ("coconut", "coconut-readout"):
     data = dataclasses.replace(data, task_stage_steps=max(1, steps // (lay.max_stage + 2)))
   elif arch == "coconut-nocurriculum":
     data = dataclasses.replace(data, task_stage=lay.max_stage)

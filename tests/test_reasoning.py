@@ -231,6 +231,47 @@ def test_coconut_thoughts_equal_a_hand_unrolled_loop():
     np.testing.assert_allclose(got, reference, atol=2e-5, rtol=1e-4)
 
 
+def test_thought_targets_mark_the_states_that_become_thoughts():
+  # Independent of encode_rows' arithmetic: find each row's <mask> runs in the inputs; with c = 2 thoughts per
+  # step, the hidden state that fills the second thought of replaced step i (the position just before it)
+  # carries step i's distinct tokens, and nothing else carries any.
+  data = _data("reach", task_mode="coconut", task_thoughts=2, task_cot="frontier")
+  corpus = rt.ReasoningCorpus(data)
+  examples = corpus.train_examples(0, 0, 6)
+  for stage in (1, 2, corpus.layout.max_stage):
+    batch = rt.encode_rows(examples, corpus.layout, 96, stage)
+    for row, ex in enumerate(examples):
+      thoughts = np.flatnonzero(batch["inputs"][row] == rt.MASK)
+      replaced = ex.steps[:min(stage, len(ex.steps))]
+      want = {int(thoughts[2 * i + 1]) - 1: sorted(set(step.encode())) for i, step in enumerate(replaced)}
+      got = {int(j): sorted(int(v) for v in t if v >= 0)
+             for j, t in enumerate(batch["thought_targets"][row]) if (t >= 0).any()}
+      assert got == want, (stage, ex.steps)
+      assert all(set(ex.intermediates["frontier"][i]) < {chr(v) for v in want[j]}
+                 for i, j in enumerate(sorted(want)))  # the frontier nodes (and ">")
+  assert "thought_targets" not in rt.ReasoningCorpus(_data("reach", task_mode="cot")).train_batch(0, 0, 2, 96)
+
+
+def test_thought_loss_is_the_readout_cross_entropy_at_those_states():
+  lay, batch = _staged_batch()
+  plain = _coconut(lay.prefix_len)
+  weighted = coconut.build(dataclasses.replace(plain.cfg, thought_loss=0.5), nnx.Rngs(0))
+  nnx.update(weighted, nnx.state(plain))
+  base, _ = _jit(lambda m, b: coconut.loss(m, b, None), plain)(batch)
+  got, metrics = _jit(lambda m, b: coconut.loss(m, b, None), weighted)(batch)
+  logp = np.asarray(jax.nn.log_softmax(_jit(coconut.forward, plain)(batch["inputs"], batch["segment_ids"])))
+  targets = np.asarray(batch["thought_targets"])
+  per_state = [-np.mean(logp[r, j, targets[r, j][targets[r, j] >= 0]])
+               for r, j in zip(*np.nonzero((targets >= 0).any(-1)))]
+  examples = rt.ReasoningCorpus(_data("reach", task_mode="coconut", task_thoughts=1)).train_examples(0, 0, 4)
+  assert len(per_state) == sum(min(stage, len(ex.steps)) for ex, stage in zip(examples, (2, 2, 3, 3)))
+  assert float(metrics["thoughts"]) == len(per_state)
+  np.testing.assert_allclose(float(metrics["thought_nats"]), np.sum(per_state), rtol=1e-5)
+  np.testing.assert_allclose(float(got), float(base) + 0.5 * np.mean(per_state), rtol=1e-5)
+  with pytest.raises(ValueError, match="thought_targets"):
+    coconut.loss(weighted, {k: v for k, v in batch.items() if k != "thought_targets"}, None)
+
+
 def test_coconut_rejects_thoughts_it_cannot_compute():
   lay, batch = _staged_batch()
   for model in (_coconut(0, thoughts=2, pattern="A"), _coconut(lay.prefix_len, thoughts=2, pattern="A")):
@@ -342,14 +383,15 @@ def test_causal_through_gradients(variant):
 # ----------------------------------------------------------------------------- through the loop
 
 
-@pytest.mark.parametrize("family", ["coconut", "recurrent"])
+@pytest.mark.parametrize("family", ["coconut", "coconut-readout", "recurrent"])
 def test_loss_falls_through_the_loop(tmp_path, family):
   from train import loop, metrics
-  data = _data("mult", task_mode="coconut" if family == "coconut" else "nocot", task_thoughts=1,
+  data = _data("mult", task_mode="nocot" if family == "recurrent" else "coconut", task_thoughts=1,
                task_stage_steps=10, eval_examples=8)
-  if family == "coconut":
+  if family.startswith("coconut"):
     model = coconut.Config(pattern="AA", **{**TINY, "vocab_size": 0}, thoughts=2,
-                           prefix_len=rt.layout(data).prefix_len)
+                           prefix_len=rt.layout(data).prefix_len, thought_loss=float(family == "coconut-readout"))
+    family = "coconut"
   else:
     model = recurrent.Config(pattern="AA", **{**TINY, "vocab_size": 0}, prelude=0, mean_iters=2.0, max_iters=4,
                              backprop_iters=1)
@@ -358,8 +400,10 @@ def test_loss_falls_through_the_loop(tmp_path, family):
                                  ckpt_every=0, samples=0))
   result = loop.train(cfg, str(tmp_path), log=lambda *a, **k: None)
   losses = [l["loss"] for l in metrics.read_jsonl(tmp_path / "metrics.jsonl") if "loss" in l]
-  assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 1.0, losses
+  readout = getattr(model, "thought_loss", 0) > 0  # its loss adds the thoughts' readout as stages replace steps
+  assert np.mean(losses[-5:]) < np.mean(losses[:3]) - (0.3 if readout else 1.0), losses
   assert np.isfinite(result["eval_loss"])
+  assert np.isfinite(result.get("eval_thought_nll", 0.0)) and ("eval_thought_nll" in result) == readout
 
 
 @pytest.mark.parametrize("scale", ["cpu", "smoke"])

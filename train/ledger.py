@@ -102,6 +102,9 @@ def compiled_step_cost(cfg):
   batch_sharding = mesh.batch_sharding(mesh_)
   batch = {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding)
            for k in ("inputs", "targets", "segment_ids", "loss_mask", "nbytes")}
+  if getattr(cfg.model, "thought_loss", 0) > 0:  # coconut's readout loss reads one more field
+    from train.reasoning_tasks import THOUGHT_TARGETS
+    batch["thought_targets"] = jax.ShapeDtypeStruct((*shape, THOUGHT_TARGETS), np.int32, sharding=batch_sharding)
   fn = jax.jit(step.make_train_step(family, graphdef, tx, cfg.train), donate_argnums=0,
                out_shardings=(shardings, None))
   compiled = fn.lower(abstract, batch, jax.random.key(0)).compile()

@@ -143,6 +143,8 @@ def evaluate(family, graphdef, state, corpus, cfg, mesh_):
     out["eval_exact"] = totals["exact"] / max(totals["examples"], 1.0)
   if "patches" in totals:  # byte families (megabyte, blt): mean tokens per patch
     out["eval_patch_len"] = totals["tokens"] / max(totals["patches"], 1.0)
+  if "thoughts" in totals:  # coconut with thought_loss: the thoughts' readout loss per thought
+    out["eval_thought_nll"] = totals["thought_nats"] / max(totals["thoughts"], 1.0)
   if "iters" in totals:  # mean recurrences per token (recurrent depth)
     out["eval_iters"] = totals["iters"] / totals["tokens"]
   return out

@@ -38,7 +38,10 @@ mode "nocot":   body empty;                        loss on "#answer<eos>"
                 the family replaces their embeddings), then <eot>, then the remaining steps and the answer
                 (Coconut's layout); stage >= max_stage: max_stage * c thoughts, <eot>, answer only. Loss on
                 the remaining steps and "#answer<eos>"; none on thoughts or <eot>. Stage 0 is CoT with the
-                steps after <eot>.
+                steps after <eot>. Coconut rows also carry `thought_targets` (b, L, THOUGHT_TARGETS): at the
+                position whose hidden state becomes the last thought of replaced step i, the distinct tokens
+                of step i (-1 padded), which archs.coconut's `thought_loss` trains that thought to read out
+                (for the frontier CoT, the BFS frontier: Coconut-BFS's frontier loss, Zhu et al. 2025).
 
 Eval examples come from a fixed seed (EVAL_SEED, index); train examples from (train seed, step, row), and
 a train example whose question is an eval question is drawn again, so the splits are disjoint.
@@ -52,6 +55,7 @@ import numpy as np
 from train.data import ByteTokenizer
 
 EVAL_SEED = 1 << 30
+THOUGHT_TARGETS = 32  # most distinct tokens of one step (reach frontiers: at most 26 nodes and ">")
 _TRAIN_TAG = 7  # train streams are default_rng([_TRAIN_TAG, seed, step, row]); eval ones [EVAL_SEED, i]
 MODES = ("nocot", "cot", "pause", "filler", "coconut")
 DEFAULTS = {"reach": {"size": 24, "depth": 4}, "mult": {"size": 4, "depth": 0}, "vartrack": {"size": 12, "depth": 4}}
@@ -412,6 +416,8 @@ def encode_rows(examples, lay, seq_len, stage):
   """Batch arrays for examples in lay's mode at a coconut stage; one example per row, <bot> at prefix_len - 1."""
   windows = np.full((len(examples), seq_len + 1), PAD, np.int32)
   scored = np.zeros((len(examples), seq_len + 1), bool)
+  coconut = lay.mode == "coconut"
+  thought_targets = np.full((len(examples), seq_len, THOUGHT_TARGETS), -1, np.int32)
   for row, ex in enumerate(examples):
     prefix, tail, tail_scored = encode(ex, lay.mode, pause=lay.pause, stage=stage, thoughts=lay.thoughts,
                                        max_stage=lay.max_stage)
@@ -420,9 +426,20 @@ def encode_rows(examples, lay, seq_len, stage):
     windows[row, start:lay.prefix_len] = prefix
     windows[row, lay.prefix_len:lay.prefix_len + len(tail)] = tail
     scored[row, lay.prefix_len:lay.prefix_len + len(tail)] = tail_scored
+    replaced = ex.steps[:min(stage, lay.max_stage, len(ex.steps))] if coconut else ()
+    for i, step in enumerate(replaced):
+      ids = sorted(set(_bytes(step)))
+      if len(ids) > THOUGHT_TARGETS:
+        raise ValueError(f"{lay.task}: a CoT step with {len(ids)} distinct tokens, more than THOUGHT_TARGETS = "
+                         f"{THOUGHT_TARGETS}: {step!r}")
+      # thought t is filled from the hidden state at inputs index prefix_len - 1 + t (the first: at <bot>)
+      thought_targets[row, lay.prefix_len - 1 + (i + 1) * lay.thoughts - 1, :len(ids)] = ids
   inputs, targets, loss_mask = windows[:, :-1], windows[:, 1:], scored[:, 1:].astype(np.int32)
-  return {"inputs": inputs, "targets": targets, "segment_ids": np.ones_like(inputs), "loss_mask": loss_mask,
-          "nbytes": loss_mask}
+  out = {"inputs": inputs, "targets": targets, "segment_ids": np.ones_like(inputs), "loss_mask": loss_mask,
+         "nbytes": loss_mask}
+  if coconut:
+    out["thought_targets"] = thought_targets
+  return out
 
 
 class ReasoningCorpus:
@@ -480,6 +497,8 @@ class ReasoningCorpus:
     for i in range(0, len(rows), batch_size):
       batch = encode_rows(rows[i:i + batch_size], self.layout, seq_len, self.layout.max_stage)
       batch["loss_mask"][max(0, n - i):] = 0  # rows past eval_examples only pad the last batch
+      if "thought_targets" in batch:
+        batch["thought_targets"][max(0, n - i):] = -1
       batch["nbytes"] = batch["loss_mask"]
       batches.append(batch)
     return batches
