@@ -49,7 +49,8 @@ class Config(backbone.Config):
   eot_id: int = -1
   thought_loss: float = 0.0  # weight of the thoughts' readout loss: each thought, through the output head, should
                              # put its mass on the tokens of the step it replaces (the batch's thought_targets;
-                             # for the BFS-frontier CoT, Coconut-BFS's frontier loss); 0: Coconut's loss only
+                             # for the BFS-frontier CoT, frontier supervision as in Coconut-BFS); 0: Coconut's
+                             # loss only
 
   def validate(self):
     super().validate()

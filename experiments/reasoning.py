@@ -19,7 +19,7 @@ is reach-coconut. Archs:
   coconut-nocurriculum   the final stage (all thoughts, answer only) from step 0
   coconut-readout        coconut with the thoughts' readout loss (`model.thought_loss=1`): through the output
                head each thought should name the tokens of the step it replaces; on reachbfs that is its BFS
-               frontier, the frontier loss of Coconut-BFS (Zhu et al. 2025, "Emergence of superposition")
+               frontier (frontier supervision as in Coconut-BFS, github.com/Ber666/emergence-of-superposition)
   recurrent    recurrent depth on no-CoT data: prelude 1 block, core 2 blocks iterated r ~ lognormal-Poisson
                times (mean E[r] = mean_iters + 1) with truncated backprop, coda 1 block; eval at a fixed r;
                the initial state is zero at the cpu / smoke scales, N(0, 1) (Huginn's) at full scale

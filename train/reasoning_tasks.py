@@ -41,7 +41,8 @@ mode "nocot":   body empty;                        loss on "#answer<eos>"
                 steps after <eot>. Coconut rows also carry `thought_targets` (b, L, THOUGHT_TARGETS): at the
                 position whose hidden state becomes the last thought of replaced step i, the distinct tokens
                 of step i (-1 padded), which archs.coconut's `thought_loss` trains that thought to read out
-                (for the frontier CoT, the BFS frontier: Coconut-BFS's frontier loss, Zhu et al. 2025).
+                (for the frontier CoT, the BFS frontier: frontier supervision in the manner of Coconut-BFS,
+                github.com/Ber666/emergence-of-superposition; ours is a uniform target over the step's tokens).
 
 Eval examples come from a fixed seed (EVAL_SEED, index); train examples from (train seed, step, row), and
 a train example whose question is an eval question is drawn again, so the splits are disjoint.
@@ -417,7 +418,7 @@ def encode_rows(examples, lay, seq_len, stage):
   windows = np.full((len(examples), seq_len + 1), PAD, np.int32)
   scored = np.zeros((len(examples), seq_len + 1), bool)
   coconut = lay.mode == "coconut"
-  thought_targets = np.full((len(examples), seq_len, THOUGHT_TARGETS), -1, np.int32)
+  thought_targets = np.full((len(examples), seq_len, THOUGHT_TARGETS), -1, np.int32) if coconut else None
   for row, ex in enumerate(examples):
     prefix, tail, tail_scored = encode(ex, lay.mode, pause=lay.pause, stage=stage, thoughts=lay.thoughts,
                                        max_stage=lay.max_stage)
