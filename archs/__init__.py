@@ -3,12 +3,12 @@
 import importlib
 
 FAMILIES = {
-    "lm": "archs.lm",  # autoregressive LM on any backbone pattern; "AAAA" is the transformer baseline
-    "diffusion": "archs.diffusion",  # masked diffusion (MDLM) and block diffusion (BD3-LM)
-    "coconut": "archs.coconut",  # continuous thoughts (Coconut) on any causal backbone; thoughts=0 is "lm"
-    "recurrent": "archs.recurrent",  # recurrent depth (Huginn): prelude, core iterated r times, coda
-    "megabyte": "archs.megabyte",  # bytes: global model over fixed patches, local model inside each
-    "blt": "archs.blt",  # bytes: Byte Latent Transformer, fixed / space / entropy patches, hash n-grams
+    "lm": "altbench.archs.lm",  # autoregressive LM on any backbone pattern; "AAAA" is the transformer baseline
+    "diffusion": "altbench.archs.diffusion",  # masked diffusion (MDLM) and block diffusion (BD3-LM)
+    "coconut": "altbench.archs.coconut",  # continuous thoughts (Coconut) on any causal backbone; thoughts=0 is "lm"
+    "recurrent": "altbench.archs.recurrent",  # recurrent depth (Huginn): prelude, core iterated r times, coda
+    "megabyte": "altbench.archs.megabyte",  # bytes: global model over fixed patches, local model inside each
+    "blt": "altbench.archs.blt",  # bytes: Byte Latent Transformer, fixed / space / entropy patches, hash n-grams
 }
 
 

@@ -11,8 +11,8 @@ import math
 import jax.numpy as jnp
 from flax import nnx
 
-from archs import hooks, mamba2
-from archs.layers import MLP, Attention, RMSNorm
+from altbench.archs import hooks, mamba2
+from altbench.archs.layers import MLP, Attention, RMSNorm
 
 BLOCK_TYPES = {"A": "attention", "M": "Mamba-2", "P": "attention and Mamba-2 in parallel (Falcon-H1)"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

@@ -37,10 +37,10 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
-import kernels
-from archs import backbone, patching
-from archs.layers import RMSNorm, normal
-from archs.megabyte import ByteConfig, decode_logits, embed, generate, linear, scored_loss  # noqa: F401
+from altbench import kernels
+from altbench.archs import backbone, patching
+from altbench.archs.layers import RMSNorm, normal
+from altbench.archs.megabyte import ByteConfig, decode_logits, embed, generate, linear, scored_loss  # noqa: F401
 
 HASH_BASE = 263  # a prime above every byte-model token id + 1, so short n-grams hash injectively before the modulus
 

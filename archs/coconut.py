@@ -34,8 +34,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from archs import backbone, lm
-from archs.sampling import sample_logits
+from altbench.archs import backbone, lm
+from altbench.archs.sampling import sample_logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +74,7 @@ def build(cfg, rngs):
 
 def check_data(cfg, data_cfg):
   """Raises ValueError when the data's thoughts or layout do not fit this config (train/config.py calls it)."""
-  from train import reasoning_tasks
+  from altbench.train import reasoning_tasks
   if data_cfg.dataset not in reasoning_tasks.TASKS or data_cfg.task_mode != "coconut":
     return
   lay = reasoning_tasks.layout(data_cfg)

@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from archs import backbone
-from archs.lm import LM
-from archs.sampling import sample_logits
+from altbench.archs import backbone
+from altbench.archs.lm import LM
+from altbench.archs.sampling import sample_logits
 
 SCHEDULES = ("loglinear", "cosine", "linear")
 SAMPLERS = ("ancestral", "confidence")

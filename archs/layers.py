@@ -7,8 +7,8 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
-import kernels
-from archs import hooks
+from altbench import kernels
+from altbench.archs import hooks
 
 
 def normal(std):

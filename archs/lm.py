@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from archs import backbone
-from archs.layers import normal
-from archs.sampling import sample_logits
+from altbench.archs import backbone
+from altbench.archs.layers import normal
+from altbench.archs.sampling import sample_logits
 
 Config = backbone.Config  # the AR objective adds no fields to the backbone's
 

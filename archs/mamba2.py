@@ -14,9 +14,9 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
-import kernels
-from archs import hooks
-from archs.layers import normal
+from altbench import kernels
+from altbench.archs import hooks
+from altbench.archs.layers import normal
 
 
 class GatedRMSNorm(nnx.Module):

@@ -26,9 +26,9 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
-from archs import backbone, lm
-from archs.layers import normal
-from archs.sampling import sample_logits
+from altbench.archs import backbone, lm
+from altbench.archs.layers import normal
+from altbench.archs.sampling import sample_logits
 
 MAX_BYTE_VOCAB = 512  # byte families need the byte tokenizer (256 bytes + specials)
 

@@ -186,7 +186,7 @@ class EntropyModel(nnx.Module):
     return jax.lax.stop_gradient(entropy(logits))
 
   def init_cache(self, batch, max_len):
-    from archs import backbone
+    from altbench.archs import backbone
     return backbone.init_cache(self.lm.cfg, batch, max_len)
 
   def step(self, x_B, cache, index):
@@ -198,13 +198,13 @@ class EntropyModel(nnx.Module):
 
 
 def lm_forward_flops(cfg, seq_len):
-  from archs import backbone
+  from altbench.archs import backbone
   return backbone.forward_flops_per_token(cfg, seq_len) + 2 * cfg.d_model * cfg.vocab_size
 
 
 def run_lm_config(run_dir):
   """The lm.Config of a trained `lm` run directory (its config.json), checked to be a byte-level model."""
-  from archs import lm
+  from altbench.archs import lm
   path = os.path.join(run_dir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"patcher_run={run_dir!r}: no config.json (train a byte `lm` run there first)")
@@ -230,7 +230,7 @@ def _run_params(run_dir):
 
 def load_lm_run(run_dir, rngs=None):
   """The lm model of a trained run directory's newest checkpoint (parameters as numpy constants)."""
-  from archs import lm
+  from altbench.archs import lm
   cfg = run_lm_config(run_dir)
   with jax.ensure_compile_time_eval():
     params = _run_params(os.path.abspath(run_dir))

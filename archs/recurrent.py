@@ -28,10 +28,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from archs import backbone, lm
-from archs.coconut import answer_metrics
-from archs.layers import RMSNorm, normal
-from archs.sampling import sample_logits
+from altbench.archs import backbone, lm
+from altbench.archs.coconut import answer_metrics
+from altbench.archs.layers import RMSNorm, normal
+from altbench.archs.sampling import sample_logits
 
 
 @dataclasses.dataclass(frozen=True)

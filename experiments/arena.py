@@ -20,8 +20,8 @@ of a GPT-2-small-shaped byte transformer, d 768 x 12 layers, 85M parameters, whi
 import dataclasses
 import os
 
-from train import arena
-from train.config import Config, DataConfig, TrainConfig, check_variant, load_module
+from altbench.train import arena
+from altbench.train.config import Config, DataConfig, TrainConfig, check_variant, load_module
 
 VARIANTS = ("", "smoke", "cpu", "gpu")
 SIZES = {  # the text group's widths (every family at this width; Mamba-2 hybrids matched in parameters)
@@ -66,7 +66,7 @@ def _lm(arch, s):
 
 
 def _bpe(s):
-  from archs import lm
+  from altbench.archs import lm
   return lambda _: text_config("lm", lm.Config(**_width(s), vocab_size=DataConfig().bpe_vocab_size), s, "bpe")
 
 

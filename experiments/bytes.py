@@ -29,9 +29,9 @@ import json
 import os
 import warnings
 
-import archs
-from archs import blt, lm, megabyte
-from train.config import Config, DataConfig, TrainConfig, check_variant, load_module
+from altbench import archs
+from altbench.archs import blt, lm, megabyte
+from altbench.train.config import Config, DataConfig, TrainConfig, check_variant, load_module
 
 mamba = load_module(os.path.join(os.path.dirname(__file__), "mamba.py"))
 
@@ -62,8 +62,8 @@ def calibrated_threshold(run_dir, seq_len, target=ENTROPY_MEAN_PATCH, max_len=MA
   """The entropy threshold for a target mean patch length on pystdlib training windows, cached in run_dir."""
   import numpy as np
 
-  from archs import patching
-  from train import data
+  from altbench.archs import patching
+  from altbench.train import data
   cache = os.path.join(run_dir, f"entropy_threshold_{target}_{max_len}_{seq_len}.json")
   ckpts = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
   if os.path.exists(cache) and json.load(open(cache)).get("checkpoints") == ckpts:

@@ -13,9 +13,9 @@ FLOPs):
 
 import dataclasses
 
-import archs
-from archs import diffusion, lm
-from train.config import Config, DataConfig, TrainConfig, check_variant
+from altbench import archs
+from altbench.archs import diffusion, lm
+from altbench.train.config import Config, DataConfig, TrainConfig, check_variant
 
 ARCHS = ("ar", "mdlm", "mdlm-hybrid", "bd3-4", "bd3-16")
 SCALES = ("", "cpu", "smoke")

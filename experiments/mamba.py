@@ -11,9 +11,9 @@ Hybrids without MLPs match the parameters by their layer count, so they are deep
 
 import dataclasses
 
-import archs
-from archs import lm
-from train.config import Config, DataConfig, TrainConfig, check_variant
+from altbench import archs
+from altbench.archs import lm
+from altbench.train.config import Config, DataConfig, TrainConfig, check_variant
 
 ARCHS = ("transformer", "mamba2", "nemotron", "jamba", "falcon")
 

@@ -41,10 +41,10 @@ cached) and recurrent depth on this machine.
 import dataclasses
 import sys
 
-import archs
-from archs import coconut, recurrent
-from train import reasoning_tasks as rt
-from train.config import Config, DataConfig, TrainConfig, check_variant
+from altbench import archs
+from altbench.archs import coconut, recurrent
+from altbench.train import reasoning_tasks as rt
+from altbench.train.config import Config, DataConfig, TrainConfig, check_variant
 
 TASKS = ("reach", "reachbfs", "mult", "vartrack")
 ARCHS = ("nocot", "cot", "pause", "filler", "coconut", "coconut-nocurriculum", "coconut-readout", "recurrent")
@@ -131,7 +131,7 @@ def measure_cost(task="reach", smoke=False, batch=16, repeats=5):
   import jax.numpy as jnp
   import numpy as np
 
-  from train import step
+  from altbench.train import step
   out, runs = {}, {}
   for label, variant in (("cot", f"{task}-cot"), ("coconut-recompute", f"{task}-coconut"),
                          ("coconut-cached", f"{task}-coconut"), ("recurrent", f"{task}-recurrent")):
@@ -181,7 +181,7 @@ def lookup_rate(model, corpus, n=256):
   import jax
   import numpy as np
 
-  from interp import targets
+  from altbench.interp import targets
   examples, lay = corpus.eval_examples()[:n], corpus.layout
   batch = rt.encode_rows(examples, lay, corpus.cfg.seq_len, lay.max_stage)
   pred = np.asarray(jax.jit(coconut.forward)(model, batch["inputs"]).argmax(-1))
@@ -208,8 +208,8 @@ def table(run_dirs, n=None, iters=(1, 2, 3, 4, 6, 8)):
   import numpy as np
   from flax import nnx
 
-  import archs
-  from train import loop
+  from altbench import archs
+  from altbench.train import loop
   rows = []
   for run_dir in run_dirs:
     cfg, family, corpus, graphdef, state, _, step_ = loop.load_run(run_dir)

@@ -9,7 +9,7 @@ Variants: transformer | mamba2 | nemotron | jamba | falcon, each with a "-smoke"
 import dataclasses
 import os
 
-from train.config import Config, DataConfig, TrainConfig, check_variant, load_module
+from altbench.train.config import Config, DataConfig, TrainConfig, check_variant, load_module
 
 mamba = load_module(os.path.join(os.path.dirname(__file__), "mamba.py"))
 

@@ -5,8 +5,8 @@ Variants: "" (a CPU-hour run), "smoke" (a few minutes on a laptop CPU), "small" 
 
 import dataclasses
 
-from archs import lm
-from train.config import Config, DataConfig, MeshConfig, TrainConfig, check_variant
+from altbench.archs import lm
+from altbench.train.config import Config, DataConfig, MeshConfig, TrainConfig, check_variant
 
 
 def get_config(variant=""):

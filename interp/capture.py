@@ -85,8 +85,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from archs import backbone, blt, coconut, diffusion, hooks, lm, megabyte, mamba2, recurrent
-from archs.layers import Attention
+from altbench.archs import backbone, blt, coconut, diffusion, hooks, lm, megabyte, mamba2, recurrent
+from altbench.archs.layers import Attention
 
 
 class Tap:

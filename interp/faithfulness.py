@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from archs import coconut, recurrent
-from train import reasoning_tasks as rt
+from altbench.archs import coconut, recurrent
+from altbench.train import reasoning_tasks as rt
 
 HASH = ord("#")
 DELIMS = {"reach": (">", "before"), "mult": ("+", "before"), "vartrack": (",", "after")}

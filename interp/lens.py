@@ -25,7 +25,7 @@ import optax
 from einops import rearrange
 from flax import nnx
 
-from interp import capture
+from altbench.interp import capture
 
 
 def _readout(model, name):

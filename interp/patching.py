@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from interp import capture, targets
-from train import reasoning_tasks as rt
+from altbench.interp import capture, targets
+from altbench.train import reasoning_tasks as rt
 
 STEPPED = ("thoughts.", "core.", "steps.")  # prefixes of names with a leading step axis
 DIRECTIONS = ("denoise", "noise")

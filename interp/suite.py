@@ -33,9 +33,9 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from interp import capture, faithfulness, lens, probes, targets
-from train import reasoning_tasks as rt
-from train.metrics import write_json_atomic
+from altbench.interp import capture, faithfulness, lens, probes, targets
+from altbench.train import reasoning_tasks as rt
+from altbench.train.metrics import write_json_atomic
 
 SUITES = ("cot",)
 # The monitor's targets, by name prefix: the intermediates at each step's end (not mult's write-position ones,
@@ -209,7 +209,7 @@ def patching_heatmaps(model, family_name, lay, examples, seq_len, out_dir, n=16)
   """Activation patching on reach with the start-node counterfactual (interp.patching), both directions, for
   layouts whose clean and counterfactual rows align (coconut thoughts, nocot/pause/filler); the metric is the
   logit difference answer vs distractor at the "#" position. Returns (json, png paths)."""
-  from interp import patching
+  from altbench.interp import patching
   if lay.task != "reach":
     return {"skipped": f"patching counterfactuals exist for reach only (task {lay.task!r})"}, []
   if lay.mode == "cot":
@@ -319,7 +319,7 @@ def _plots(out_dir, grid, faith, lens_out=None):
 
 def run(run_dir, suite="cot", task=None, n=None, seed=0, progress=True):
   """Run the suite on a run directory; returns summary.json's dict."""
-  from train import loop
+  from altbench.train import loop
   if suite not in SUITES:
     raise ValueError(f"--suite {suite!r}: valid: {SUITES}")
   cfg, family, corpus, graphdef, state, _, step = loop.load_run(run_dir)

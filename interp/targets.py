@@ -38,7 +38,7 @@ import dataclasses
 
 import numpy as np
 
-from train import reasoning_tasks as rt
+from altbench.train import reasoning_tasks as rt
 
 
 @dataclasses.dataclass

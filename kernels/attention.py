@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 from einops import einsum, rearrange
 
-from kernels import flash_attention as _flash
-from kernels import tuning
+from altbench.kernels import flash_attention as _flash
+from altbench.kernels import tuning
 
 IMPLS = ("auto", "reference", "xla", "pallas")
 AUTO_PALLAS_MIN_Q_LEN = 16

@@ -67,7 +67,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels import tuning
+from altbench.kernels import tuning
 
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # same as kernels.attention
 _PAD_VALUE = float(np.finfo(np.float32).min)           # below _MASK_VALUE: pad keys never count

@@ -63,7 +63,7 @@ import jax
 import jax.numpy as jnp
 from einops import einsum, rearrange
 
-from kernels import tuning
+from altbench.kernels import tuning
 
 IMPLS = ("auto", "reference", "xla", "pallas")
 # impl="auto" leaves short calls (decode-like) to XLA: a Pallas launch would mostly pad one chunk.
@@ -168,7 +168,7 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states
   if impl == "auto":
     impl = _auto_impl(x.shape, B.shape, x.dtype)
   if impl == "pallas":
-    from kernels import ssd_pallas  # imported here: ssd_pallas imports this module
+    from altbench.kernels import ssd_pallas  # imported here: ssd_pallas imports this module
     return ssd_pallas.ssd_pallas(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
                                  initial_states=initial_states, seq_idx=seq_idx, dt_softplus=dt_softplus,
                                  dt_limit=dt_limit, return_final_states=return_final_states)
@@ -182,7 +182,7 @@ def _auto_impl(x_shape, B_shape, dtype):
   forced = tuning.forced_impl("ALTBENCH_SSD_AUTO")
   if forced:
     return forced
-  from kernels import ssd_pallas
+  from altbench.kernels import ssd_pallas
   target = ssd_pallas.backend_target()
   if (target in AUTO_PALLAS_TARGETS and jax.device_count() == 1 and x_shape[1] >= AUTO_PALLAS_MIN_LEN
       and ssd_pallas.supported(x_shape, B_shape, dtype) and tuning.pallas_dtype_pays(target, dtype)):

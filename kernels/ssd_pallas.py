@@ -85,11 +85,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 # The module, not the function of the same name that kernels/__init__.py exports.
-_ssd = importlib.import_module("kernels.ssd")
+_ssd = importlib.import_module("altbench.kernels.ssd")
 # Pallas API-name compatibility helpers (jax 0.10 / 0.11) and the backend -> target rule are
 # shared with the flash attention kernels.
-from kernels import tuning
-from kernels.flash_attention import (_cdiv, _fori, _idiv, _tpu_interpret_params, _tpu_params, _tpu_vmem,
+from altbench.kernels import tuning
+from altbench.kernels.flash_attention import (_cdiv, _fori, _idiv, _tpu_interpret_params, _tpu_params, _tpu_vmem,
                                      _triton_params, backend_target)
 
 TARGETS = ("gpu", "tpu")

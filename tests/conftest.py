@@ -11,8 +11,8 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 
 import pytest  # noqa: E402
 
-from archs import lm  # noqa: E402
-from train.config import Config, DataConfig, TrainConfig
+from altbench.archs import lm  # noqa: E402
+from altbench.train.config import Config, DataConfig, TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt")

@@ -12,12 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import archs
-from archs import blt, coconut, diffusion, lm, megabyte, recurrent
+from altbench import archs
+from altbench.archs import blt, coconut, diffusion, lm, megabyte, recurrent
 from conftest import ROOT, replace, tiny_config
-from train import arena, ledger, leaderboard, loop, metrics
-from train import reasoning_tasks as rt
-from train.config import Config, ConfigError, DataConfig, TrainConfig
+from altbench.train import arena, ledger, leaderboard, loop, metrics
+from altbench.train import reasoning_tasks as rt
+from altbench.train.config import Config, ConfigError, DataConfig, TrainConfig
 
 # ----------------------------------------------------------------------------- energy ledger
 
@@ -204,7 +204,7 @@ def test_same_seed_same_leaderboard(first_run, resumed_run):
 
 
 def test_cli_refuses_a_bad_arena(tmp_path, capsys):
-  from train import cli
+  from altbench import cli
   assert cli.main(["arena", os.path.join(ROOT, "experiments", "arena.py") + ":tiny"]) == 2
   assert "variant 'tiny' is unknown; valid: ['', 'cpu', 'gpu', 'smoke']" in capsys.readouterr().err
   assert cli.main(["arena", str(tmp_path / "none.py")]) == 2
@@ -214,7 +214,7 @@ def test_cli_refuses_a_bad_arena(tmp_path, capsys):
 def test_gpu_arena_computes_in_bf16_and_cpu_in_f32(tmp_path):
   # On a GPU impl="auto" takes the Pallas kernels only for 16-bit activations: every gpu entry must compute in
   # bf16 (its weights in float32), the CPU arenas in float32.
-  from train.config import load_module
+  from altbench.train.config import load_module
   experiment = load_module(os.path.join(ROOT, "experiments", "arena.py"))
   for variant, dtype in (("gpu", "bfloat16"), ("cpu", "float32")):
     entries = [e for e in experiment.get_arena(variant).entries if e.name != "blt-entropy"]  # needs a trained model
@@ -277,7 +277,7 @@ def test_every_registered_family_has_a_flops_check():
                                   pytest.param("megabyte", marks=pytest.mark.slow),
                                   pytest.param("blt", marks=pytest.mark.slow)])
 def test_analytic_flops_match_xla_cost_analysis(case):
-  from train import step
+  from altbench.train import step
   family = archs.get_family(case.split("-")[0])
   cfg, batch, l, tol = _cases()[case]
   tcfg = TrainConfig(steps=10)

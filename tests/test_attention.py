@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import attention
+from altbench.kernels import attention
 
 
 def _inputs(b, t, h, hk, d, seed=0, dtype=jnp.float32):

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from archs import blt, lm, megabyte, patching
-from train import data, loop, metrics
-from train.config import DataConfig
+from altbench.archs import blt, lm, megabyte, patching
+from altbench.train import data, loop, metrics
+from altbench.train.config import DataConfig
 
 from conftest import replace, tiny_config
 
@@ -285,7 +285,7 @@ def test_megabyte_trains_through_the_loop(tmp_path):
 def test_blt_with_a_trained_entropy_model_trains_through_the_loop(tmp_path):
   # The entropy model: a byte `lm` run directory (config.json and a checkpoint, written as the loop writes
   # them; untrained weights spare a compile), loaded when BLT is built, and frozen.
-  from train import checkpoint, config, step
+  from altbench.train import checkpoint, config, step
   lm_dir = str(tmp_path / "entropy-lm")
   lm_cfg = tiny_config()
   lm_cfg = dataclasses.replace(lm_cfg, model=dataclasses.replace(lm_cfg.model, vocab_size=V, init_std=0.5))
@@ -316,7 +316,7 @@ def test_blt_with_a_trained_entropy_model_trains_through_the_loop(tmp_path):
 
 
 def test_compressors_bits_per_byte(tmp_path):
-  from train import compressors, report
+  from altbench.train import compressors, report
   rng = np.random.default_rng(0)
   noise = compressors.bits_per_byte(rng.integers(0, 256, 20000, dtype=np.uint8).tobytes())
   repeated = compressors.bits_per_byte(b"def f(x):\n    return x\n" * 800)
@@ -341,8 +341,8 @@ def test_experiment_variants_share_the_byte_transformers_budget(scale):
 
   from conftest import ROOT
 
-  from train import arena
-  from train.config import load_module, validate
+  from altbench.train import arena
+  from altbench.train.config import load_module, validate
   exp = load_module(os.path.join(ROOT, "experiments", "bytes.py"))
 
   def total(arch):

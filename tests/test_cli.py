@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from train import cli, loop, metrics
+from altbench import cli
+from altbench.train import loop, metrics
 
 from conftest import tiny_config
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from train import config
-from train.config import ConfigError
+from altbench.train import config
+from altbench.train.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXP = os.path.join(ROOT, "experiments", "transformer.py")
@@ -62,7 +62,7 @@ def test_round_trip_through_json_dict():
 
 def test_cli_bad_config_exits_2_and_writes_nothing(tmp_path):
   workdir = tmp_path / "run"
-  proc = subprocess.run([sys.executable, "-m", "train.cli", "train", EXP + ":smoke", "--workdir", str(workdir),
+  proc = subprocess.run([sys.executable, "-m", "altbench.cli", "train", EXP + ":smoke", "--workdir", str(workdir),
                          "--set", "model.n_heads=0"], capture_output=True, text=True, cwd=ROOT, timeout=120)
   assert proc.returncode == 2
   assert "model.n_heads=0" in proc.stderr and "Traceback" not in proc.stderr

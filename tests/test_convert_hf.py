@@ -17,8 +17,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from archs import lm  # noqa: E402
-from train import cli, convert_hf, loop  # noqa: E402
+from altbench.archs import lm  # noqa: E402
+from altbench import cli  # noqa: E402
+from altbench.train import convert_hf, loop  # noqa: E402
 
 SEQ = 21  # not a multiple of the SSM chunk size (8)
 NO_SPECIALS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)

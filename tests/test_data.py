@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from train import data, metrics
-from train.config import DataConfig
+from altbench.train import data, metrics
+from altbench.train.config import DataConfig
 
 from conftest import SHAKESPEARE
 

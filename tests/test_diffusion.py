@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from archs import diffusion as D
+from altbench.archs import diffusion as D
 
 V, MASK, EOS = 262, 258, 256
 

@@ -42,7 +42,7 @@ def _env():
 
 
 def _launch(workdir, corpus, *extra, log=None):
-  cmd = [sys.executable, "-m", "train.cli", "train", "experiments/transformer.py:smoke", "--workdir", str(workdir),
+  cmd = [sys.executable, "-m", "altbench.cli", "train", "experiments/transformer.py:smoke", "--workdir", str(workdir),
          *_tiny(corpus), *extra]
   log = log or f"{workdir}.log"
   with open(log, "w") as f:

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import attention
-from kernels import flash_attention as fa
+from altbench.kernels import attention
+from altbench.kernels import flash_attention as fa
 
 GPU_SMALL = fa.BlockSizes(16, 16, 16, 16, 16, 16)
 GPU_MIXED = fa.BlockSizes(32, 16, 16, 32, 32, 16)      # fwd / dkdv / dq tiles differ
@@ -110,7 +110,7 @@ def test_dense_mask_unsupported_and_auto_dispatch(monkeypatch):
   mask = jnp.tril(jnp.ones((8, 8), bool))
   with pytest.raises(NotImplementedError, match="dense `mask`"):
     attention(q, k, v, causal=False, mask=mask, impl="pallas")
-  attention_module = importlib.import_module("kernels.attention")  # kernels.attention is the function
+  attention_module = importlib.import_module("altbench.kernels.attention")  # kernels.attention is the function
   monkeypatch.delenv("ALTBENCH_ATTENTION_AUTO", raising=False)
   shape = lambda tq: (1, tq, 2, 64)
   pick = lambda tq, m=None, dtype=jnp.bfloat16: attention_module._auto_impl(shape(tq), shape(tq), m, dtype)

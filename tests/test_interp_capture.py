@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import archs
-from archs import blt, coconut, diffusion, hooks, lm, megabyte, recurrent
-from interp import capture, lens, patching
-from train import step as train_step
-from train.config import TrainConfig
+from altbench import archs
+from altbench.archs import blt, coconut, diffusion, hooks, lm, megabyte, recurrent
+from altbench.interp import capture, lens, patching
+from altbench.train import step as train_step
+from altbench.train.config import TrainConfig
 
 V, EOS, MASK, BOT, EOT = 262, 256, 258, 259, 260
 TINY = dict(d_model=16, n_heads=2, vocab_size=V, d_state=4, ssm_headdim=8, chunk_size=4, init_std=0.3)
@@ -268,7 +268,7 @@ def test_capture_off_train_step_is_the_same_program():
 
 @pytest.mark.parametrize("cot", ["path", "frontier"])
 def test_reach_counterfactual_flips_the_answer(cot):
-  from train import reasoning_tasks as rt
+  from altbench.train import reasoning_tasks as rt
   found = 0
   for seed in range(20):
     ex = rt.reach(np.random.default_rng(seed), size=12, depth=3, cot=cot)

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from interp import probes
+from altbench.interp import probes
 
 
 def _planted(n=600, d=32, classes=5, seed=0):
@@ -108,10 +108,10 @@ def test_ridge_recovers_a_planted_value():
 
 from flax import nnx  # noqa: E402
 
-from archs import coconut  # noqa: E402
-from interp import faithfulness as F  # noqa: E402
-from train import reasoning_tasks as rt  # noqa: E402
-from train.config import DataConfig  # noqa: E402
+from altbench.archs import coconut  # noqa: E402
+from altbench.interp import faithfulness as F  # noqa: E402
+from altbench.train import reasoning_tasks as rt  # noqa: E402
+from altbench.train.config import DataConfig  # noqa: E402
 
 
 def _corpus(mode="cot", n=12):
@@ -250,14 +250,14 @@ def _run_dir(path, n=48):
   (what load_run reads; training it would only add compile time here)."""
   import json
 
-  from train import checkpoint, config, loop, step
-  from train.config import Config, TrainConfig
+  from altbench.train import checkpoint, config, loop, step
+  from altbench.train.config import Config, TrainConfig
   cfg = Config(family="coconut", model=coconut.Config(pattern="AA", d_model=32, n_heads=2),
                data=DataConfig(dataset="reach", task_mode="cot", eval_examples=n, task_size=10, task_depth=3,
                                seq_len=96),
                train=TrainConfig(steps=1, batch_size=8, samples=0))
   cfg, _ = loop.resolve(cfg, str(path))
-  import archs
+  from altbench import archs
   family = archs.get_family(cfg.family)
   _, state = step.init_state(family, cfg.model, step.make_optimizer(cfg.train), 0)
   with open(path / "config.json", "w") as f:
@@ -270,7 +270,7 @@ def _run_dir(path, n=48):
 def test_probe_cli_writes_json_and_plots(tmp_path, capsys):
   import json
 
-  from train import cli
+  from altbench import cli
   _run_dir(tmp_path)
   assert cli.main(["probe", str(tmp_path), "--suite", "cot", "--task", "reach"]) == 0
   out = tmp_path / "probe"
@@ -295,8 +295,8 @@ def test_probe_cli_writes_json_and_plots(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- targets and interventions
 
-from archs import recurrent  # noqa: E402
-from interp import suite, targets  # noqa: E402
+from altbench.archs import recurrent  # noqa: E402
+from altbench.interp import suite, targets  # noqa: E402
 
 
 @pytest.mark.parametrize("mode", ["cot", "coconut"])

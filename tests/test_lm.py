@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from archs import lm
-from archs.sampling import sample_logits
+from altbench.archs import lm
+from altbench.archs.sampling import sample_logits
 
 VOCAB = 262
 

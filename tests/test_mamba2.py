@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from archs import lm
+from altbench.archs import lm
 
 SMALL = dict(vocab_size=262, d_model=64, n_heads=4, d_state=16, ssm_headdim=16, chunk_size=8)
 
@@ -93,8 +93,8 @@ def test_init_follows_the_paper():
 
 
 def test_no_weight_decay_on_ssm_vectors():
-  from train import step
-  from train.config import TrainConfig
+  from altbench.train import step
+  from altbench.train.config import TrainConfig
   cfg, model = _model("M")
   params = nnx.state(model, nnx.Param)
   tx = step.make_optimizer(TrainConfig(lr=0.1, weight_decay=0.5, grad_clip=0.0, warmup_steps=0, steps=10))
@@ -108,7 +108,7 @@ def test_no_weight_decay_on_ssm_vectors():
 
 def test_scan_reads_activations_in_the_compute_dtype(monkeypatch):
   # float32 operands would put the GPU kernels' dots at HIGHEST precision, off the bf16 matrix units.
-  from archs import mamba2
+  from altbench.archs import mamba2
   seen = {}
   real = mamba2.kernels.ssd
 

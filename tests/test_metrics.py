@@ -2,7 +2,7 @@
 
 import pytest
 
-from train import metrics
+from altbench.train import metrics
 
 
 def _zone(root, name, energy_uj, max_uj):

@@ -10,7 +10,7 @@ import sys
 import nbformat
 import pytest
 
-from interp.notebooks import make_notebooks
+from altbench.interp.notebooks import make_notebooks
 
 NB_DIR = os.path.dirname(make_notebooks.__file__)
 ORDER = ("coconut_thoughts", "cot_faithfulness", "lenses_across_steps")  # later ones reuse earlier runs
@@ -36,8 +36,8 @@ def test_stored_notebooks_have_no_outputs_and_match_the_generator():
 
 
 def test_a_run_of_another_kind_is_refused_before_loading(tmp_path):
-  from interp.notebooks import common
-  from train import config
+  from altbench.interp.notebooks import common
+  from altbench.train import config
   cot = common.experiment_config("reasoning", "reach-cot-smoke")
   (tmp_path / "config.json").write_text(json.dumps({"config": config.to_dict(cot)}))
   with pytest.raises(ValueError, match=r"\('coconut', 'reach', 'cot'\) run; this notebook reads \('coconut', 'reach', 'coconut'\)"):

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from archs import coconut, lm, recurrent
-from train import reasoning_tasks as rt
-from train.config import Config, ConfigError, DataConfig, TrainConfig, validate
+from altbench.archs import coconut, lm, recurrent
+from altbench.train import reasoning_tasks as rt
+from altbench.train.config import Config, ConfigError, DataConfig, TrainConfig, validate
 
 TINY = dict(d_model=32, n_heads=2, vocab_size=262, d_state=8, ssm_headdim=8, chunk_size=8)
 IDS = rt.SPECIAL_IDS
@@ -385,7 +385,7 @@ def test_causal_through_gradients(variant):
 
 @pytest.mark.parametrize("family", ["coconut", "coconut-readout", "recurrent"])
 def test_loss_falls_through_the_loop(tmp_path, family):
-  from train import loop, metrics
+  from altbench.train import loop, metrics
   data = _data("mult", task_mode="nocot" if family == "recurrent" else "coconut", task_thoughts=1,
                task_stage_steps=10, eval_examples=8)
   if family.startswith("coconut"):
@@ -413,9 +413,9 @@ def test_experiment_variants_match_params_and_training_flops(scale):
   # width in steps of 32, ~10% of the 64-wide smoke model per step) and within one of its steps of its budget.
   import os
 
-  import archs
+  from altbench import archs
   from conftest import ROOT
-  from train.config import load_module
+  from altbench.train.config import load_module
   reasoning = load_module(os.path.join(ROOT, "experiments", "reasoning.py"))
   for task in reasoning.TASKS:
     def params_and_flops(arch):
@@ -439,7 +439,7 @@ def test_lookup_rate_reads_the_predictions_at_the_cot_letters(monkeypatch):
   import os
 
   from conftest import ROOT
-  from train.config import load_module
+  from altbench.train.config import load_module
   reasoning = load_module(os.path.join(ROOT, "experiments", "reasoning.py"))
   corpus = rt.ReasoningCorpus(_data("reach", task_cot="frontier", eval_examples=24))
   targets = rt.encode_rows(corpus.eval_examples(), corpus.layout, corpus.cfg.seq_len, 0)["targets"]

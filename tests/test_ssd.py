@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.ssd import ssd
+from altbench.kernels.ssd import ssd
 
 ARG_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
 
@@ -88,7 +88,7 @@ XLA_VS_REF_CASES = [
 def test_xla_matches_reference_values_and_grads(l, chunk, g, d_per_channel, with_z, softplus, starts,
                                                 dtype):
   if l == 300 and jax.default_backend() == "cpu":  # keep the multi-block case honest
-    assert sys.modules["kernels.ssd"]._chunks_per_block(2, 4, chunk, 5, 8, 8) == 4
+    assert sys.modules["altbench.kernels.ssd"]._chunks_per_block(2, 4, chunk, 5, 8, 8) == 4
   inputs = make_inputs(0, l=l, g=g, dtype=dtype, d_per_channel=d_per_channel, with_z=with_z)
   if not softplus:
     # Without softplus, dt + dt_bias must already be a valid (positive) step.

@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import ssd_pallas as sp
+from altbench.kernels import ssd_pallas as sp
 from test_ssd import ARG_NAMES, assert_close, documents, make_inputs
 
-ssd_module = importlib.import_module("kernels.ssd")  # kernels.ssd is also the name of the function
+ssd_module = importlib.import_module("altbench.kernels.ssd")  # kernels.ssd is also the name of the function
 ssd = ssd_module.ssd
 
 F32_RTOL, BF16_RTOL = 1e-4, 2e-2

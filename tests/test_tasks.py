@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from train import tasks
-from train.config import DataConfig
+from altbench.train import tasks
+from altbench.train.config import DataConfig
 
 
 def _corpus(pairs=8, seq_len=48):
@@ -37,7 +37,7 @@ def test_batches_are_deterministic_and_eval_is_apart():
 def test_eval_accuracy_metric_counts_exact_answers():
   import jax.numpy as jnp
   from flax import nnx
-  from archs import lm
+  from altbench.archs import lm
   corpus = _corpus()
   batch = {k: jnp.asarray(v) for k, v in corpus.eval_batches(4, 48)[0].items()}
   model = lm.build(lm.Config(vocab_size=262, d_model=32, n_heads=2, pattern="A"), nnx.Rngs(0))

@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from train import loop, metrics
-from train.config import ConfigError
+from altbench.train import loop, metrics
+from altbench.train.config import ConfigError
 
 from conftest import ROOT, SHAKESPEARE, replace, tiny_config
 
@@ -53,7 +53,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
 
 
 def _cli(workdir, *sets):
-  args = [sys.executable, "-m", "train.cli", "train", "experiments/transformer.py:smoke", "--workdir", str(workdir),
+  args = [sys.executable, "-m", "altbench.cli", "train", "experiments/transformer.py:smoke", "--workdir", str(workdir),
           "--set", "model.d_model=32", "--set", "model.n_heads=2", "--set", "data.seq_len=16",
           "--set", "data.eval_bytes=512", "--set", f"data.dataset=text:{SHAKESPEARE}", "--set", "train.batch_size=4",
           "--set", "train.samples=0", "--set", "train.log_every=1", "--set", "train.eval_every=0"]
@@ -141,9 +141,9 @@ def test_fixed_batch_runner_trains_the_real_step():
 
   import jax.numpy as jnp
 
-  import archs
-  from archs import lm
-  from train import step
+  from altbench import archs
+  from altbench.archs import lm
+  from altbench.train import step
   cfg = tiny_config()
   model = dataclasses.replace(cfg.model, vocab_size=64)
   x = jnp.asarray(np.random.default_rng(0).integers(0, 64, (1, 4, 17)), jnp.int32)

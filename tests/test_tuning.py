@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
-from kernels import flash_attention, ssd_pallas, tuning
+from altbench import kernels
+from altbench.kernels import flash_attention, ssd_pallas, tuning
 
 # kernels.attention / kernels.ssd are the public functions; their modules hold the dispatch details.
-attention_mod = importlib.import_module("kernels.attention")
-ssd = importlib.import_module("kernels.ssd")
+attention_mod = importlib.import_module("altbench.kernels.attention")
+ssd = importlib.import_module("altbench.kernels.ssd")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

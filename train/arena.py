@@ -18,9 +18,9 @@ from typing import Callable
 import jax
 import numpy as np
 
-import archs
-from train import config as config_lib
-from train import ledger, leaderboard, loop, metrics
+from altbench import archs
+from altbench.train import config as config_lib
+from altbench.train import ledger, leaderboard, loop, metrics
 
 RESULT = "arena_result.json"
 # Rough sustained training throughput (FLOP/s) and per-entry overhead (compile, eval, decode timing) by backend,
@@ -64,7 +64,7 @@ class Arena:
 
 def flops_per_step(cfg):
   """Analytic training FLOPs of one step of cfg (vocabulary 0 resolved to the byte tokenizer's)."""
-  from train import data
+  from altbench.train import data
   model = cfg.model
   if model.vocab_size == 0:
     if cfg.data.tokenizer != "bytes":
@@ -192,7 +192,7 @@ def train_entry(arena, entry, group, cfg, run_dir, log=print):
   model = nnx.merge(graphdef, state["params"], state["rest"])
   if arena.decode_tokens:
     row["decode_tokens_per_s"] = decode_speed(family, model, corpus, arena.decode_prompts, arena.decode_tokens)
-  from train import reasoning_tasks as rt
+  from altbench.train import reasoning_tasks as rt
   if cfg.data.dataset in rt.TASKS:
     n = min(arena.reasoning_examples, cfg.data.eval_examples)
     row["gen_acc"] = rt.generated_accuracy(family, model, corpus, n)[0]
@@ -222,7 +222,7 @@ def answer_flops(cfg, corpus, n, iters=None):
   """Analytic forward FLOPs to reach an answer (test-time compute): forward FLOPs per position (the core
   iterated r = iters_at_test times for recurrent depth) times the positions of an example at the final stage:
   question, CoT steps (CoT), continuous thoughts (Coconut, one position each) and the answer."""
-  from train import reasoning_tasks as rt
+  from altbench.train import reasoning_tasks as rt
   family, model = archs.get_family(cfg.family), cfg.model
   if cfg.family == "recurrent":
     r = iters or model.iters_at_test

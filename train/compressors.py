@@ -11,7 +11,7 @@ import bz2
 import gzip
 import lzma
 
-from train import data
+from altbench.train import data
 
 
 def _zstd():

@@ -12,7 +12,7 @@ import os
 import typing
 from typing import Any
 
-import archs
+from altbench import archs
 
 
 class ConfigError(ValueError):
@@ -186,7 +186,7 @@ def validate(cfg):
   d, t = cfg.data, cfg.train
   if d.tokenizer not in ("bytes", "bpe"):
     raise ConfigError(f"data.tokenizer={d.tokenizer!r}: valid: ['bpe', 'bytes']")
-  from train.tasks import TASKS
+  from altbench.train.tasks import TASKS
   if d.dataset != "pystdlib" and not d.dataset.startswith("text:") and d.dataset not in TASKS:
     raise ConfigError(f"data.dataset={d.dataset!r}: valid: 'pystdlib', 'text:PATH' or a task {sorted(TASKS)}")
   if d.dataset == "mqar" and d.seq_len < 4 * d.task_pairs:
@@ -194,7 +194,7 @@ def validate(cfg):
                       f"{4 * d.task_pairs}")
   if d.dataset == "mqar" and not 1 <= d.task_pairs <= 128:
     raise ConfigError(f"data.task_pairs={d.task_pairs}: valid: 1..128 (keys are distinct byte ids 0..127)")
-  from train import reasoning_tasks
+  from altbench.train import reasoning_tasks
   if d.dataset in reasoning_tasks.TASKS:
     try:
       reasoning_tasks.layout(d)

@@ -33,7 +33,7 @@ import struct
 
 import numpy as np
 
-from train import config as config_lib
+from altbench.train import config as config_lib
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Mamba2ForCausalLM": "mamba2", "FalconH1ForCausalLM": "falcon_h1"}
 
@@ -221,7 +221,7 @@ def _ssm_width(f, d_model, expand_name, inner):
 
 def model_config(hf):
   """(archs.lm.Config, arch) for an HF config dict; ConversionError for anything not reproduced exactly."""
-  from archs import lm
+  from altbench.archs import lm
   archs_ = hf.get("architectures") or []
   supported = [a for a in archs_ if a in ARCHITECTURES]
   if not supported:
@@ -424,8 +424,8 @@ def train_state(cfg, weights):
   import jax
   import jax.numpy as jnp
 
-  import archs
-  from train import step
+  from altbench import archs
+  from altbench.train import step
   family = archs.get_family(cfg.family)
   tx = step.make_optimizer(cfg.train)
   init = lambda: step.init_state(family, cfg.model, tx, cfg.train.seed)[1]
@@ -457,7 +457,7 @@ def convert(hf_dir, out_dir, overrides=(), log=print):
   overrides: 'section.field=value' strings applied to the generated config (e.g. data.dataset=text:PATH,
   model.param_dtype=bfloat16); ones that change the architecture fail the weight shape checks.
   """
-  from train import checkpoint, loop, metrics
+  from altbench.train import checkpoint, loop, metrics
   hf = read_config(hf_dir)
   model_cfg, arch = model_config(hf)
   cfg = config_lib.apply_overrides(config_lib.Config(family="lm", model=model_cfg), overrides)
@@ -471,7 +471,7 @@ def convert(hf_dir, out_dir, overrides=(), log=print):
   ckpt.save(0, state)
   ckpt.close()
   shutil.copyfile(os.path.join(hf_dir, "config.json"), os.path.join(out_dir, "hf_config.json"))
-  from train import data
+  from altbench.train import data
   tokenizer_vocab = data.ByteTokenizer().vocab_size if cfg.data.tokenizer == "bytes" else None
   note = {"source": os.path.abspath(hf_dir), "architecture": [a for a, t in ARCHITECTURES.items() if t == arch][0],
           "hf_dtype": hf.get("dtype", hf.get("torch_dtype")), "param_dtype": cfg.model.param_dtype,

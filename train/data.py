@@ -241,7 +241,7 @@ class Corpus:
 
 def load_corpus(data_cfg, workdir=None):
   """Tokenizer and token streams for a DataConfig; a trained BPE tokenizer is cached in workdir/data/."""
-  from train import tasks
+  from altbench.train import tasks
   if data_cfg.dataset in tasks.TASKS:
     return tasks.TaskCorpus(data_cfg)
   train_docs, heldout_docs = load_documents(data_cfg.dataset, data_cfg.heldout_fraction)

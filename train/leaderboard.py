@@ -9,7 +9,7 @@ decode speed, runtime memory); everything else is a pure function of the arena s
 import os
 import platform
 
-from train import loop, metrics
+from altbench.train import loop, metrics
 
 TIMING = ("wall_s", "energy_j", "energy_kwh", "energy_trace_j", "decode_tokens_per_s", "decode_curve",
           "device_peak_bytes")

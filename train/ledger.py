@@ -13,7 +13,7 @@ import time
 import jax
 import numpy as np
 
-from train import metrics
+from altbench.train import metrics
 
 J_PER_KWH = 3.6e6
 
@@ -91,8 +91,8 @@ def _nvml_power():
 
 def compiled_step_cost(cfg):
   """XLA's FLOPs and memory of the train step of cfg (a resolved Config), compiled as the loop compiles it."""
-  import archs
-  from train import loop, mesh, step
+  from altbench import archs
+  from altbench.train import loop, mesh, step
   family = archs.get_family(cfg.family)
   mesh_ = mesh.make_mesh(cfg.mesh)
   tx = step.make_optimizer(cfg.train)
@@ -103,7 +103,7 @@ def compiled_step_cost(cfg):
   batch = {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding)
            for k in ("inputs", "targets", "segment_ids", "loss_mask", "nbytes")}
   if getattr(cfg.model, "thought_loss", 0) > 0:  # coconut's readout loss reads one more field
-    from train.reasoning_tasks import THOUGHT_TARGETS
+    from altbench.train.reasoning_tasks import THOUGHT_TARGETS
     batch["thought_targets"] = jax.ShapeDtypeStruct((*shape, THOUGHT_TARGETS), np.int32, sharding=batch_sharding)
   fn = jax.jit(step.make_train_step(family, graphdef, tx, cfg.train), donate_argnums=0,
                out_shardings=(shardings, None))

@@ -21,8 +21,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-import archs
-from train import checkpoint, config, data, mesh, metrics, step
+from altbench import archs
+from altbench.train import checkpoint, config, data, mesh, metrics, step
 
 
 class NonFiniteLoss(RuntimeError):

@@ -53,7 +53,7 @@ import re
 
 import numpy as np
 
-from train.data import ByteTokenizer
+from altbench.train.data import ByteTokenizer
 
 EVAL_SEED = 1 << 30
 THOUGHT_TARGETS = 32  # most distinct tokens of one step (reach frontiers: at most 26 nodes and ">")

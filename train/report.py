@@ -4,7 +4,7 @@ general-purpose compressors achieve on the same held-out bytes."""
 import json
 import os
 
-from train.metrics import read_jsonl
+from altbench.train.metrics import read_jsonl
 
 
 def report(runs, png_path, compressors=True):
@@ -39,9 +39,9 @@ def compressor_table(data_dicts):
   """Lines of a table: what gzip, bzip2, xz (and zstd) achieve on the held-out bytes the runs are scored on."""
   import dataclasses
 
-  from train import compressors
-  from train.config import DataConfig
-  from train.tasks import TASKS
+  from altbench.train import compressors
+  from altbench.train.config import DataConfig
+  from altbench.train.tasks import TASKS
   fields = {f.name for f in dataclasses.fields(DataConfig)}
   seen, lines = [], []
   for d in data_dicts:

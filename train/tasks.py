@@ -8,8 +8,8 @@ loop reports `eval_acc`, the fraction of answers predicted exactly (argmax).
 
 import numpy as np
 
-from train import reasoning_tasks
-from train.data import ByteTokenizer
+from altbench.train import reasoning_tasks
+from altbench.train.data import ByteTokenizer
 
 EVAL_SEED = 1 << 30  # eval examples come from their own seed stream, apart from any training seed
 

@@ -37,17 +37,14 @@ Triton are absent: the script then runs a tiny configuration of the xla path onl
 
 import argparse
 import json
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from kernels.attention import attention  # noqa: E402
+from altbench.kernels.attention import attention
 
 IMPLS = ("pallas", "cudnn", "jax_pallas", "xla")
 

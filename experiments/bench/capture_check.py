@@ -16,22 +16,19 @@ Pallas kernels on a GPU, one JSON line each:
 
 import argparse
 import json
-import os
-import sys
 import time
 
-sys.path.insert(0, os.getcwd())
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import archs
-from archs import hooks, lm
-from interp import capture, lens
-from train import step as train_step
-from train.config import TrainConfig
+from altbench import archs
+from altbench.archs import hooks, lm
+from altbench.interp import capture, lens
+from altbench.train import step as train_step
+from altbench.train.config import TrainConfig
 
 
 def timed(fn, repeats):

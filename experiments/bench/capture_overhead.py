@@ -13,19 +13,16 @@ shared machine.
 import argparse
 import hashlib
 import json
-import os
-import sys
 import time
 
-sys.path.insert(0, os.getcwd())  # the tree to measure is the working directory
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import archs
-from train import step as train_step
-from train.config import TrainConfig
+from altbench import archs
+from altbench.train import step as train_step
+from altbench.train.config import TrainConfig
 
 T = dict(d_model=64, n_heads=2, vocab_size=262, d_state=16, ssm_headdim=32, chunk_size=16)
 BYTES = dict(vocab_size=262, d_model=64, n_heads=2, d_local=32, local_heads=2, d_state=16, ssm_headdim=32,

@@ -8,19 +8,16 @@ Run: python experiments/bench/decode.py [--contexts 1024 8192] [--steps 32]
 
 import argparse
 import json
-import os
 import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))  # not bench/kernels.py
 
-from archs import backbone, lm
+from altbench.archs import backbone, lm
 
 
 def models(d_model):

@@ -20,20 +20,18 @@ peak (PEAK_TFLOPS below, by device kind; pass --peak-tflops for others). On a CP
 import argparse
 import dataclasses
 import json
-import os
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from archs import lm  # noqa: E402
-from train import step as train_step  # noqa: E402
-from train.config import TrainConfig  # noqa: E402
+from altbench.archs import lm
+from altbench.train import step as train_step
+from altbench.train.config import TrainConfig
 
 # Dense bf16 peak TFLOP/s (vendor datasheets, without sparsity).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "TPU v5 lite": 197.0, "TPU v4": 275.0,

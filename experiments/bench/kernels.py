@@ -24,18 +24,16 @@ import dataclasses
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import kernels  # noqa: E402
-from kernels import flash_attention, ssd_pallas, tuning  # noqa: E402
+from altbench import kernels
+from altbench.kernels import flash_attention, ssd_pallas, tuning
 
 FB = flash_attention.BlockSizes
 SB = ssd_pallas.BlockSizes

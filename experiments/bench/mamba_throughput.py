@@ -20,18 +20,16 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))  # not bench/kernels.py
 
-from archs import lm
-from train import step as train_step
-from train.config import TrainConfig
+from altbench.archs import lm
+from altbench.train import step as train_step
+from altbench.train.config import TrainConfig
 
 D, LAYERS, STATE, HEADDIM, CHUNK, VOCAB = 256, 4, 64, 64, 64, 256
 

@@ -18,9 +18,7 @@ judge bpb, so a diffusion sampler's quality can be matched to AR's at temperatur
 import argparse
 import json
 import math
-import os
 import platform
-import sys
 import time
 
 import jax
@@ -28,16 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))  # not bench/kernels.py
 
-from archs import diffusion, lm
+from altbench.archs import diffusion, lm
 
 MASK, EOS = 258, 256
 
 
 def _load(run):
   """(corpus, model) of a run directory."""
-  from train import loop
+  from altbench.train import loop
   _, _, corpus, graphdef, state, _, _ = loop.load_run(run)
   return corpus, nnx.merge(graphdef, state["params"], state["rest"])
 

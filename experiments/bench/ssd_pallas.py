@@ -42,18 +42,15 @@ import argparse
 import dataclasses
 import importlib
 import json
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-ssd_module = importlib.import_module("kernels.ssd")  # the module (kernels.ssd is also a function)
-from kernels import ssd_pallas  # noqa: E402
+ssd_module = importlib.import_module("altbench.kernels.ssd")  # the module (kernels.ssd is also a function)
+from altbench.kernels import ssd_pallas
 
 IMPLS = ("pallas", "xla")
 FLOP_FORMULA = ("fwd = b*L*h*(Q*(n+p) + 4*p*n) (causal halves of C B^T and (C B^T o decay) X per "

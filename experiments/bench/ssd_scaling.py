@@ -30,18 +30,15 @@ How to read it
 import argparse
 import json
 import os
-import sys
 import time
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-sys.path.insert(0, ROOT)
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from kernels.attention import attention as attention_op  # noqa: E402
-from kernels.ssd import ssd  # noqa: E402
+from altbench.kernels.attention import attention as attention_op
+from altbench.kernels.ssd import ssd
 
 
 def time_interleaved(cases, repeats, budget_s):

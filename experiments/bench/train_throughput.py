@@ -64,15 +64,14 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from archs import lm  # noqa: E402
-from train import step as train_step  # noqa: E402
-from train.config import TrainConfig  # noqa: E402
+from altbench.archs import lm
+from altbench.train import step as train_step
+from altbench.train.config import TrainConfig
 
 D_MODEL, N_LAYERS, N_HEADS, VOCAB = 256, 4, 4, 256
 LR, B1, B2, WEIGHT_DECAY, EPS, GRAD_CLIP = 1e-3, 0.9, 0.95, 0.1, 1e-8, 1.0

@@ -14,8 +14,8 @@ import sys
 
 from flax import nnx
 
-from train import config, loop, metrics
-from train import reasoning_tasks as rt
+from altbench.train import config, loop, metrics
+from altbench.train import reasoning_tasks as rt
 
 QUICK = os.environ.get("ALTBENCH_NOTEBOOK_QUICK", "0") == "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -15,23 +15,12 @@ import nbformat
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 SETUP = """
-import os
-import sys
-
-# The repository root (experiments/ is imported from it): the folder above the notebook, found from the cwd.
-root = os.getcwd()
-while not os.path.exists(os.path.join(root, "experiments", "reasoning.py")):
-  if os.path.dirname(root) == root:
-    raise RuntimeError(f"cwd {os.getcwd()!r} is not inside the altbench repository (no experiments/reasoning.py above it)")
-  root = os.path.dirname(root)
-sys.path.insert(0, root)
-
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from interp.notebooks import common
+from altbench.interp.notebooks import common
 
 print(f"quick mode: {common.QUICK}; runs in {common.WORKDIR}; jax {jax.__version__} on {jax.default_backend()}")
 """
@@ -75,10 +64,10 @@ COCONUT_THOUGHTS = [
     """),
     code(SETUP),
     code("""
-    import archs
+    from altbench import archs
     from flax import nnx
 
-    from interp import capture, lens, probes, suite, targets
+    from altbench.interp import capture, lens, probes, suite, targets
 
     COCONUT_RUN = None  # or the path of a finished reach-coconut run directory
 
@@ -285,7 +274,7 @@ COT_FAITHFULNESS = [
     """),
     code(SETUP),
     code("""
-    from interp import faithfulness, probes, suite, targets
+    from altbench.interp import faithfulness, probes, suite, targets
 
     RUNS = {"cot": None, "coconut": None, "recurrent": None}  # or finished run directories of reach-<name>
 
@@ -433,8 +422,8 @@ LENSES_ACROSS_STEPS = [
     code("""
     from flax import nnx
 
-    from archs import diffusion
-    from interp import capture, lens, targets
+    from altbench.archs import diffusion
+    from altbench.interp import capture, lens, targets
 
     RECURRENT_RUN = None  # or a finished run directory of experiments/reasoning.py:reach-recurrent
     MDLM_RUN = None       # or one of experiments/diffusion.py:mdlm

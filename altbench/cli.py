@@ -29,7 +29,7 @@ def _is_main():
 
 
 def cmd_train(args):
-  from train import config, loop
+  from altbench.train import config, loop
   cfg = config.apply_overrides(config.load_experiment(args.experiment), args.set or [])
   config.validate(cfg)
   name = os.path.splitext(os.path.basename(args.experiment.split(":")[0]))[0]
@@ -40,7 +40,7 @@ def cmd_train(args):
 
 
 def cmd_arena(args):
-  from train import arena, loop
+  from altbench.train import arena, loop
   spec = arena.load(args.arena)
   if args.power_w:
     import dataclasses
@@ -57,7 +57,7 @@ def cmd_arena(args):
 
 
 def cmd_eval(args):
-  from train import loop
+  from altbench.train import loop
   _setup_jax(args)
   cfg, family, corpus, graphdef, state, mesh_, step = loop.load_run(args.run)
   result = loop.evaluate(family, graphdef, state, corpus, cfg, mesh_)
@@ -66,7 +66,7 @@ def cmd_eval(args):
 
 
 def cmd_sample(args):
-  from train import loop
+  from altbench.train import loop
   _setup_jax(args)
   cfg, family, corpus, graphdef, state, mesh_, _ = loop.load_run(args.run)
   pairs = loop.sample_texts(family, graphdef, state, corpus, cfg, args.n, args.length, seed=args.seed,
@@ -76,14 +76,14 @@ def cmd_sample(args):
 
 
 def cmd_convert_hf(args):
-  from train import convert_hf
+  from altbench.train import convert_hf
   _setup_jax(args)
   convert_hf.convert(args.hf_dir, args.out, args.set or [])
 
 
 def cmd_bench(args):
   import runpy
-  from train.config import ConfigError
+  from altbench.train.config import ConfigError
   bench_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "bench")
   names = sorted(f[:-3] for f in os.listdir(bench_dir) if f.endswith(".py") and not f.startswith("_"))
   if args.name not in names:
@@ -94,14 +94,14 @@ def cmd_bench(args):
 
 
 def cmd_report(args):
-  from train import report
+  from altbench.train import report
   print(report.report(args.runs, args.png))
 
 
 def cmd_probe(args):
   import json
-  from interp import suite
-  from train.config import ConfigError
+  from altbench.interp import suite
+  from altbench.train.config import ConfigError
   _setup_jax(args)
   try:
     summary = suite.run(args.run, args.suite, args.task, args.n, progress=_is_main())
@@ -175,9 +175,9 @@ def main(argv=None):
       p.add_argument("--process-id", type=int, help="multi-process: this process's index, 0 writes the logs")
 
   args = parser.parse_args(argv)
-  from train.config import ConfigError
-  from train.data import DataError
-  from train.loop import Interrupted, NonFiniteLoss
+  from altbench.train.config import ConfigError
+  from altbench.train.data import DataError
+  from altbench.train.loop import Interrupted, NonFiniteLoss
   try:
     args.func(args)
   except (ConfigError, DataError, FileNotFoundError) as e:
