@@ -23,8 +23,8 @@ the global model (one cached step) before byte t's logits are computed. Rows pat
 decode driver runs each row alone (vmap).
 
 Entropy patching needs a small byte LM: `patcher_run` names a trained byte `lm` run directory whose newest
-checkpoint is loaded, frozen, when the model is built (its weights then live, untrained, in the checkpoints
-of this run); a threshold must be set (experiments/bytes.py calibrates one with
+checkpoint the training loop loads and passes to build as `entropy_model` (`frozen_runs`); it is frozen, and
+its weights then live, untrained, in the checkpoints of this run; a threshold must be set (experiments/bytes.py calibrates one with
 archs.patching.calibrate_threshold for a target mean patch length). With patcher="entropy" and no
 patcher_run, build warns and falls back to space patching. Tests pass any lm model as `entropy_model`.
 """
@@ -136,8 +136,10 @@ class BLT(nnx.Module):
       warnings.warn("BLT patcher='entropy' without patcher_run (a trained byte `lm` run): using space patching")
     self.patcher = cfg.patcher_spec(fallback)
     if self.patcher.needs_entropy:
-      self.entropy = patching.EntropyModel(entropy_model if entropy_model is not None else
-                                           patching.load_lm_run(cfg.patcher_run, rngs))
+      if entropy_model is None:  # archs/ reads no checkpoints: the loop restores the run (frozen_runs below)
+        raise ValueError(f"patcher_run={cfg.patcher_run!r}: build needs the run's model as entropy_model "
+                         "(train.step.build_model loads it)")
+      self.entropy = patching.EntropyModel(entropy_model)
       if self.entropy.lm.cfg.vocab_size != cfg.vocab_size:
         raise ValueError(f"the entropy model's vocab_size {self.entropy.lm.cfg.vocab_size} differs from "
                          f"vocab_size={cfg.vocab_size}")
@@ -275,8 +277,13 @@ class BLT(nnx.Module):
     return new, self.head(self.decoder_norm(h))[:, 0].astype(jnp.float32)
 
 
+def frozen_runs(cfg):
+  """{build keyword: run directory}: trained models this config embeds, frozen (the loop loads them)."""
+  return {"entropy_model": cfg.patcher_run} if cfg.patcher == "entropy" and cfg.patcher_run else {}
+
+
 def build(cfg, rngs, entropy_model=None):
-  """The BLT model; entropy_model (an `lm` model, frozen here) overrides cfg.patcher_run."""
+  """The BLT model; entropy_model (an `lm` model, frozen here) is the model of cfg.patcher_run (or any byte lm)."""
   if cfg.vocab_size <= 0:
     raise ValueError(f"vocab_size={cfg.vocab_size}: must be set (the loop fills it from the tokenizer)")
   cfg.validate()

@@ -17,8 +17,9 @@ Both data-dependent patchers take max_len (a patch closes once it holds max_len 
 per-sequence cap of max_patches (fixed shapes under jit): once that many patches have started no new one
 starts, and the last patch takes the rest of the sequence ("capped" counts those lost boundaries).
 
-The entropy model is any byte-level `lm` model, frozen: `EntropyModel` wraps one; `load_lm_run` reads a
-trained `lm` run directory; `calibrate_threshold` picks the global threshold that gives a target mean
+The entropy model is any byte-level `lm` model, frozen: `EntropyModel` wraps one (the training loop loads a
+trained `lm` run directory's model, `train.loop.load_model`); `run_lm_config` reads such a run's model shape
+(its FLOPs are part of BLT's); `calibrate_threshold` picks the global threshold that gives a target mean
 patch length on sample bytes.
 """
 
@@ -29,7 +30,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 KINDS = ("fixed", "space", "entropy")
@@ -214,34 +214,6 @@ def run_lm_config(run_dir):
                      f"{saved['data']['tokenizer']!r}; the entropy model must be a byte-level `lm` run")
   fields = {f.name for f in dataclasses.fields(lm.Config)}
   return lm.Config(**{k: v for k, v in saved["model"].items() if k in fields})
-
-
-@functools.lru_cache(maxsize=8)
-def _run_params(run_dir):
-  import orbax.checkpoint as ocp
-  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, "checkpoints")))
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"patcher_run={run_dir!r}: no checkpoint in {run_dir}/checkpoints")
-  tree = manager.restore(step, args=ocp.args.StandardRestore())
-  manager.close()
-  return jax.tree.map(np.asarray, tree["params"])
-
-
-def load_lm_run(run_dir, rngs=None):
-  """The lm model of a trained run directory's newest checkpoint (parameters as numpy constants)."""
-  from altbench.archs import lm
-  cfg = run_lm_config(run_dir)
-  with jax.ensure_compile_time_eval():
-    params = _run_params(os.path.abspath(run_dir))
-  model = lm.build(cfg, rngs or nnx.Rngs(0))
-  for path, var in nnx.iter_graph(model):
-    if isinstance(var, nnx.Param):
-      node = params
-      for key in path:
-        node = node[str(key)]
-      var[...] = jnp.asarray(node["value"] if isinstance(node, dict) else node)
-  return model
 
 
 def calibrate_threshold(entropy_model, x_NL, target_mean_len, *, max_len=0, relative=False, iters=40):

@@ -63,7 +63,7 @@ def calibrated_threshold(run_dir, seq_len, target=ENTROPY_MEAN_PATCH, max_len=MA
   import numpy as np
 
   from altbench.archs import patching
-  from altbench.train import data
+  from altbench.train import data, loop
   cache = os.path.join(run_dir, f"entropy_threshold_{target}_{max_len}_{seq_len}.json")
   ckpts = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
   if os.path.exists(cache) and json.load(open(cache)).get("checkpoints") == ckpts:
@@ -73,7 +73,7 @@ def calibrated_threshold(run_dir, seq_len, target=ENTROPY_MEAN_PATCH, max_len=MA
   stream = data.token_stream(tok, [t for _, t in train_docs[::50]])
   starts = np.random.default_rng(0).integers(0, len(stream) - seq_len, n_windows)
   windows = stream[starts[:, None] + np.arange(seq_len)]
-  theta = patching.calibrate_threshold(patching.EntropyModel(patching.load_lm_run(run_dir)), windows, target,
+  theta = patching.calibrate_threshold(patching.EntropyModel(loop.load_model(run_dir)[1]), windows, target,
                                        max_len=max_len)
   with open(cache, "w") as f:
     json.dump({"threshold": theta, "target_mean_patch": target, "checkpoints": ckpts}, f)

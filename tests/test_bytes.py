@@ -284,7 +284,7 @@ def test_megabyte_trains_through_the_loop(tmp_path):
 
 def test_blt_with_a_trained_entropy_model_trains_through_the_loop(tmp_path):
   # The entropy model: a byte `lm` run directory (config.json and a checkpoint, written as the loop writes
-  # them; untrained weights spare a compile), loaded when BLT is built, and frozen.
+  # them; untrained weights spare a compile), loaded by the loop when BLT is built (blt.frozen_runs), and frozen.
   from altbench.train import checkpoint, config, step
   lm_dir = str(tmp_path / "entropy-lm")
   lm_cfg = tiny_config()
@@ -294,7 +294,7 @@ def test_blt_with_a_trained_entropy_model_trains_through_the_loop(tmp_path):
   ckpt = checkpoint.Checkpointer(lm_dir, 1)
   ckpt.save(1, step.init_state(lm, lm_cfg.model, step.make_optimizer(lm_cfg.train), 0)[1])
   ckpt.close()
-  ent = patching.EntropyModel(patching.load_lm_run(lm_dir))
+  ent = patching.EntropyModel(loop.load_model(lm_dir)[1])
   sample = _text(4, 32, seed=5)
   theta = patching.calibrate_threshold(ent, sample, 4.0, max_len=8)
   model = blt.Config(**{**SMALL, "vocab_size": 0, "pattern": "A", "encoder_pattern": "A", "decoder_pattern": "A",

@@ -20,7 +20,7 @@ import numpy as np
 
 from altbench import archs
 from altbench.train import config as config_lib
-from altbench.train import ledger, leaderboard, loop, metrics
+from altbench.train import decode, ledger, leaderboard, loop, metrics
 
 RESULT = "arena_result.json"
 # Rough sustained training throughput (FLOP/s) and per-entry overhead (compile, eval, decode timing) by backend,
@@ -191,7 +191,7 @@ def train_entry(arena, entry, group, cfg, run_dir, log=print):
   from flax import nnx
   model = nnx.merge(graphdef, state["params"], state["rest"])
   if arena.decode_tokens:
-    row["decode_tokens_per_s"] = decode_speed(family, model, corpus, arena.decode_prompts, arena.decode_tokens)
+    row["decode_tokens_per_s"] = decode.decode_speed(family, model, corpus, arena.decode_prompts, arena.decode_tokens)
   from altbench.train import reasoning_tasks as rt
   if cfg.data.dataset in rt.TASKS:
     n = min(arena.reasoning_examples, cfg.data.eval_examples)
@@ -202,20 +202,11 @@ def train_entry(arena, entry, group, cfg, run_dir, log=print):
       row["recurrence_sweep"] = [[r, answer_flops(cfg, corpus, n, iters=r),
                                   rt.generated_accuracy(family, model, corpus, n, iters=r)[0]] for r in arena.recurrences]
   if arena.decode_contexts and cfg.family == "lm":
-    row["decode_curve"] = decode_curve(cfg.model, arena.decode_contexts, arena.decode_steps)
+    row["decode_curve"] = decode.decode_curve(cfg.model, arena.decode_contexts, arena.decode_steps)
   row["curve"] = [[line["flops"], line["eval_bpb"]] for line in metrics.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
                   if "eval_bpb" in line]
   metrics.write_json_atomic(os.path.join(run_dir, RESULT), row)
   return row
-
-
-def decode_speed(family, model, corpus, n_prompts, new_tokens):
-  """Generated tokens per second with the family's own decoder (a first call compiles, the second is timed)."""
-  prompts = corpus.prompts(n_prompts)
-  family.generate(model, prompts, new_tokens, jax.random.key(0))  # compile
-  t0 = time.perf_counter()
-  jax.block_until_ready(family.generate(model, prompts, new_tokens, jax.random.key(1)))
-  return prompts.shape[0] * new_tokens / (time.perf_counter() - t0)
 
 
 def answer_flops(cfg, corpus, n, iters=None):
@@ -234,14 +225,6 @@ def answer_flops(cfg, corpus, n, iters=None):
   lengths = [sum(map(len, rt.encode(ex, lay.mode, pause=lay.pause, stage=lay.max_stage, thoughts=lay.thoughts,
                                     max_stage=lay.max_stage)[:2])) for ex in corpus.eval_examples()[:n]]
   return float(fwd * np.mean(lengths))
-
-
-def decode_curve(model_cfg, contexts, steps):
-  """{context: tokens/s} of single-token decoding after a prefill of `context` tokens (experiments/bench/decode.py)."""
-  bench = config_lib.load_module(os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "bench",
-                                              "decode.py"))
-  seconds = bench.time_decode(model_cfg, list(contexts), steps, repeats=2)
-  return {str(c): 1.0 / s for c, s in seconds.items()}
 
 
 def load(spec):

@@ -6,6 +6,7 @@ so the resumed losses equal those of an uninterrupted run.
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -90,6 +91,22 @@ def load_run(workdir):
   """(cfg, family, corpus, graphdef, state, mesh) of a finished or running run directory, for eval/sample/probe."""
   cfg, family, graphdef, state, mesh_, restored_step = _restore_run(workdir)
   return cfg, family, data.load_corpus(cfg.data, workdir), graphdef, state, mesh_, restored_step
+
+
+def load_model(run_dir):
+  """(cfg, model) of a run directory's newest checkpoint, its weights numpy constants: safe to build inside a
+  trace (a frozen model embedded in another one is loaded while that one is built under jit)."""
+  cfg, params = _latest_params(os.path.abspath(run_dir))
+  model = step.build_model(archs.get_family(cfg.family), cfg.model, nnx.Rngs(0))
+  nnx.update(model, jax.tree.map(jnp.asarray, params))
+  return cfg, model
+
+
+@functools.lru_cache(maxsize=8)
+def _latest_params(run_dir):
+  with jax.ensure_compile_time_eval():
+    cfg, _, _, state, _, _ = _restore_run(run_dir)
+    return cfg, jax.tree.map(np.asarray, state["params"])
 
 
 def _restore_run(workdir):
@@ -181,7 +198,7 @@ def _params_from(run_dir, family, model_cfg):
   if not os.path.isfile(os.path.join(run_dir, "config.json")):
     raise config.ConfigError(f"train.init_from={run_dir!r}: not a run directory (no config.json)")
   theirs = _restore_run(run_dir)[3]["params"]
-  mine = nnx.state(nnx.eval_shape(lambda: family.build(model_cfg, nnx.Rngs(0))), nnx.Param)
+  mine = nnx.state(nnx.eval_shape(lambda: step.build_model(family, model_cfg, nnx.Rngs(0))), nnx.Param)
   flat = lambda t: {jax.tree_util.keystr(k): (x.shape, str(x.dtype))
                     for k, x in jax.tree_util.tree_flatten_with_path(t)[0]}
   a, b = flat(mine), flat(theirs)

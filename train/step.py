@@ -23,9 +23,17 @@ def make_optimizer(tcfg):
   return optax.chain(optax.clip_by_global_norm(tcfg.grad_clip), adamw) if tcfg.grad_clip > 0 else adamw
 
 
+def build_model(family, model_cfg, rngs):
+  """family.build, given the trained models the config embeds frozen (the family's optional frozen_runs: BLT's
+  entropy model), each loaded from its run directory."""
+  from altbench.train import loop  # loop imports this module
+  runs = getattr(family, "frozen_runs", lambda cfg: {})(model_cfg)
+  return family.build(model_cfg, rngs, **{key: loop.load_model(run)[1] for key, run in runs.items()})
+
+
 def init_state(family, model_cfg, tx, seed):
   """Build the model and optimizer state; returns (graphdef, state). Call under jit to place it sharded."""
-  model = family.build(model_cfg, nnx.Rngs(seed))
+  model = build_model(family, model_cfg, nnx.Rngs(seed))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   return graphdef, {"params": params, "rest": rest, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 

@@ -9,53 +9,16 @@ Run: python experiments/bench/decode.py [--contexts 1024 8192] [--steps 32]
 import argparse
 import json
 import platform
-import statistics
-import time
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
 
-
-from altbench.archs import backbone, lm
+from altbench.archs import lm
+from altbench.train.decode import time_decode
 
 
 def models(d_model):
   common = dict(vocab_size=262, d_model=d_model, n_heads=4)
   return {"mamba2": lm.Config(pattern="M" * 7, mlp=False, **common), "transformer": lm.Config(pattern="AAAA", **common)}
-
-
-def time_decode(cfg, contexts, steps, repeats):
-  """Median seconds per decode step for each context; rounds alternate between contexts so load is shared."""
-  model = lm.build(cfg, nnx.Rngs(0))
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def prefill(state, tokens, cache):
-    return nnx.merge(graphdef, state)(tokens, cache=cache, cache_index=0)
-
-  @jax.jit
-  def decode(state, token, cache, index):
-    logits, cache = nnx.merge(graphdef, state)(token, cache=cache, cache_index=index)
-    return jnp.argmax(logits[:, -1], -1)[:, None], cache
-
-  runs = {}
-  for context in contexts:
-    cache = backbone.init_cache(cfg, 1, context + steps * (repeats + 1))
-    logits, cache = prefill(state, jax.random.randint(jax.random.key(0), (1, context), 0, 256), cache)
-    token, cache = decode(state, jnp.argmax(logits[:, -1], -1)[:, None], cache, context)  # compile
-    runs[context] = [token, cache, context + 1, []]
-  jax.block_until_ready(runs)
-  for _ in range(repeats):
-    for context, run in runs.items():
-      token, cache, index, times = run
-      t0 = time.perf_counter()
-      for i in range(steps):
-        token, cache = decode(state, token, cache, index + i)
-      jax.block_until_ready(token)
-      times.append((time.perf_counter() - t0) / steps)
-      run[:3] = token, cache, index + steps
-  return {context: statistics.median(run[3]) for context, run in runs.items()}
 
 
 def main():
