@@ -67,6 +67,10 @@ def cmd_eval(args):
 
 def cmd_sample(args):
   from altbench.train import loop
+  from altbench.train.config import ConfigError
+  for flag, value in (("--n", args.n), ("--length", args.length)):
+    if value < 1:
+      raise ConfigError(f"sample {flag}={value}: must be >= 1")
   _setup_jax(args)
   cfg, family, corpus, graphdef, state, mesh_, _ = loop.load_run(args.run)
   pairs = loop.sample_texts(family, graphdef, state, corpus, cfg, args.n, args.length, seed=args.seed,

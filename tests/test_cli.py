@@ -6,8 +6,9 @@ import pytest
 
 from altbench import cli
 from altbench.train import loop, metrics
+from altbench.train.config import ConfigError
 
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,32 @@ def test_report_writes_table_and_plot(run_dir, tmp_path, capsys):
 def test_missing_run_directory_exits_2(tmp_path, capsys):
   assert cli.main(["eval", str(tmp_path / "nope")]) == 2
   assert "not a run directory" in capsys.readouterr().err
+
+
+def test_directory_with_another_programs_config_json_exits_2(tmp_path, capsys):
+  """Found by trying it: `altbench eval` on a Hugging Face model directory died with KeyError: 'config'."""
+  import json
+  hf_dir = tmp_path / "hf"
+  hf_dir.mkdir()
+  (hf_dir / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 64}))
+  path = str(hf_dir / "config.json")
+  smoke = os.path.join(ROOT, "experiments", "transformer.py:smoke")
+  for argv in (["eval", str(hf_dir)], ["sample", str(hf_dir)], ["train", smoke, "--workdir", str(hf_dir)]):
+    assert cli.main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert err.startswith(f"altbench: error: {path} is not an altbench run's config") and "KeyError" not in err
+    assert f"altbench convert-hf {hf_dir} --out RUN" in err and len(err.strip().splitlines()) == 1
+  (hf_dir / "config.json").write_text("{not json")
+  assert cli.main(["eval", str(hf_dir)]) == 2
+  assert f"{path} is not an altbench run's config: not valid JSON" in capsys.readouterr().err
+  with pytest.raises(ConfigError, match=r"train.init_from=.*is not an altbench run's config"):
+    loop.train(tiny_config(steps=1, init_from=str(hf_dir)), str(tmp_path / "run"), log=lambda *a, **k: None)
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_sample_refuses_empty_samples(tmp_path, capsys):
+  assert cli.main(["sample", str(tmp_path), "--length", "0"]) == 2
+  assert "sample --length=0: must be >= 1" in capsys.readouterr().err
 
 
 def test_bf16_compute_trains(tmp_path):

@@ -67,3 +67,70 @@ def test_cli_bad_config_exits_2_and_writes_nothing(tmp_path):
   assert proc.returncode == 2
   assert "model.n_heads=0" in proc.stderr and "Traceback" not in proc.stderr
   assert not workdir.exists()
+
+
+def test_every_numeric_field_has_a_range():
+  """config.RANGES is the one place numeric fields are checked: a field added without a rule fails here."""
+  import dataclasses
+  import typing
+  numeric = {f"{section}.{f.name}" for section, cls in (("data", config.DataConfig), ("train", config.TrainConfig),
+                                                        ("mesh", config.MeshConfig))
+             for f in dataclasses.fields(cls) if typing.get_type_hints(cls)[f.name] in (int, float)}
+  assert {name for name, *_ in config.RANGES} == numeric
+  assert {f.name for f in dataclasses.fields(config.Config)} == {"family", "model", "data", "train", "mesh"}
+  config.validate(config.Config())  # every default is in range
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.sample_len=0", "train.sample_len=0: must be >= 1 (tokens per sample; train.samples=0 turns samples off)"),
+    ("train.samples=-1", "train.samples=-1: must be >= 0 (0 turns samples off)"),
+    ("train.eval_every=-1", "train.eval_every=-1: must be >= 0 (0: only the final eval)"),
+    ("train.ckpt_every=-2", "train.ckpt_every=-2: must be >= 0"),
+    ("train.lr=0", "train.lr=0.0: must be > 0"),
+    ("train.lr=nan", "train.lr=nan: must be a finite number"),
+    ("train.b2=1", "train.b2=1.0: must be in [0, 1)"),
+    ("train.min_lr_ratio=2", "train.min_lr_ratio=2.0: must be in [0, 1]"),
+    ("train.seed=-1", "train.seed=-1: must be >= 0"),
+    ("train.grad_accum=0", "train.grad_accum=0: must be >= 1"),
+    ("data.heldout_fraction=1", "data.heldout_fraction=1.0: must be in (0, 1)"),
+    ("data.task_stage=-2", "data.task_stage=-2: must be >= -1"),
+    ("mesh.data=0", "mesh.data=0: must be -1 or >= 1"),
+    ("mesh.fsdp=0", "mesh.fsdp=0: must be >= 1"),
+])
+def test_out_of_range_values_name_the_field_and_range(override, needle):
+  with pytest.raises(ConfigError) as e:
+    config.validate(config.apply_overrides(config.load_experiment(EXP + ":smoke"), [override]))
+  assert str(e.value) == needle or str(e.value).startswith(needle + " (")
+
+
+@pytest.mark.parametrize("overrides", [["train.samples=0", "train.sample_len=0"], ["mesh.data=-1"],
+                                       ["data.task_stage=-1"], ["train.eval_every=0", "train.grad_clip=0"]])
+def test_boundary_values_that_mean_off_or_default_are_valid(overrides):
+  config.validate(config.apply_overrides(config.load_experiment(EXP + ":smoke"), overrides))
+
+
+def test_range_rules_apply_only_where_they_matter():
+  cfg = config.load_experiment(EXP + ":smoke")
+  config.validate(config.apply_overrides(cfg, ["data.bpe_vocab_size=100"]))  # byte tokenizer: unused
+  with pytest.raises(ConfigError, match="data.bpe_vocab_size=100: must be > 262"):
+    config.validate(config.apply_overrides(cfg, ["data.bpe_vocab_size=100", "data.tokenizer=bpe"]))
+  with pytest.raises(ConfigError, match=r"data.task_pairs=200: must be in \[1, 128\]"):
+    config.validate(config.apply_overrides(cfg, ["data.dataset=mqar", "data.task_pairs=200", "data.seq_len=1024"]))
+
+
+def test_python_config_of_the_wrong_type_is_named():
+  import dataclasses
+  cfg = config.load_experiment(EXP + ":smoke")
+  with pytest.raises(ConfigError, match=r"train.steps=1000.0: expected a value of type int"):
+    config.validate(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=1000.0)))
+
+
+@pytest.mark.parametrize("override", ["train.sample_len=0", "train.samples=-1", "train.eval_every=-1"])
+def test_cli_refuses_out_of_range_values_before_training(tmp_path, capsys, override):
+  """Found by trying it: sample_len=0 trained to the end, then crashed with an IndexError at sampling."""
+  from altbench import cli
+  workdir = tmp_path / "run"
+  assert cli.main(["train", EXP + ":smoke", "--workdir", str(workdir), "--set", override]) == 2
+  err = capsys.readouterr().err
+  assert f"altbench: error: {override}: must be >= " in err and len(err.strip().splitlines()) == 1
+  assert not workdir.exists()

@@ -224,3 +224,41 @@ def test_sharded_and_bfloat16_checkpoints_read_the_same(converted, tmp_path):
   for name, value in single.items():
     want = torch.from_numpy(np.array(value)).to(torch.bfloat16).float().numpy()
     np.testing.assert_array_equal(np.asarray(bf16[name], np.float32), want)
+
+
+def _copy_of(hf_dir, d):
+  d.mkdir()
+  for f in os.listdir(hf_dir):
+    (d / f).write_bytes(open(os.path.join(hf_dir, f), "rb").read())
+  return d
+
+
+def test_truncated_or_malformed_safetensors_is_a_one_line_error(converted, tmp_path, capsys):
+  """Found by trying it: convert-hf on a truncated .safetensors died with a raw JSONDecodeError traceback."""
+  _, hf_dir, _ = converted("llama")
+  capsys.readouterr()  # the fixture's save_pretrained progress bars
+  data = open(os.path.join(hf_dir, "model.safetensors"), "rb").read()
+  n = int.from_bytes(data[:8], "little")
+  cases = {"cut in the header": data[:8 + n // 2], "cut in the tensors": data[:-100], "cut in the length": data[:5],
+           "header not JSON": data[:8] + b"\xff" * n + data[8 + n:]}
+  for i, (case, content) in enumerate(cases.items()):
+    d = _copy_of(hf_dir, tmp_path / f"hf{i}")
+    (d / "model.safetensors").write_bytes(content)
+    with pytest.raises(convert_hf.ConversionError, match="not a readable safetensors file"):
+      convert_hf.read_weights(str(d))
+    assert cli.main(["convert-hf", str(d), "--out", str(tmp_path / f"run{i}")]) == 2, case
+    err = capsys.readouterr().err
+    assert err.startswith(f"altbench: error: {d / 'model.safetensors'}: not a readable safetensors file"), (case, err)
+    assert len(err.strip().splitlines()) == 1 and not os.path.exists(tmp_path / f"run{i}"), case
+
+
+def test_unreadable_json_files_are_named(converted, tmp_path, capsys):
+  _, hf_dir, _ = converted("llama")
+  capsys.readouterr()
+  d = _copy_of(hf_dir, tmp_path / "hf")
+  (d / "model.safetensors.index.json").write_text('{"weight_map": ')
+  with pytest.raises(convert_hf.ConversionError, match=r"model.safetensors.index.json: not valid JSON"):
+    convert_hf.read_weights(str(d))
+  (d / "config.json").write_text('{"architectures": ')
+  assert cli.main(["convert-hf", str(d), "--out", str(tmp_path / "run")]) == 2
+  assert f"{d / 'config.json'}: not valid JSON" in capsys.readouterr().err

@@ -118,6 +118,16 @@ def test_resume_with_other_config_is_refused(tmp_path):
   assert open(tmp_path / "metrics.jsonl").read() == before
 
 
+@pytest.mark.parametrize("train,needle", [({"samples": 1, "sample_len": 0}, "train.sample_len=0: must be >= 1"),
+                                          ({"eval_every": -1}, "train.eval_every=-1: must be >= 0")])
+def test_out_of_range_values_are_refused_before_anything_runs(tmp_path, train, needle):
+  """sample_len=0 used to train to the end, then crash with an IndexError at sampling; eval_every=-1 evaluated
+  at every step."""
+  with pytest.raises(ConfigError, match=needle):
+    loop.train(tiny_config(**train), str(tmp_path / "run"), log=quiet)
+  assert not os.path.exists(tmp_path / "run")
+
+
 def test_init_from_starts_at_another_runs_parameters(tmp_path):
   a = loop.train(tiny_config(steps=6), str(tmp_path / "a"), log=quiet)
   # With lr = 1e-12 nothing moves measurably, so a run started from a's parameters scores a's held-out bpb, and

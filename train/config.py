@@ -8,6 +8,8 @@ ConfigError naming the field, the value and what would be valid, before anything
 import dataclasses
 import difflib
 import importlib.util
+import json
+import math
 import os
 import typing
 from typing import Any
@@ -170,12 +172,91 @@ def apply_overrides(cfg, overrides):
   return cfg
 
 
+# The allowed values of every numeric field of the data, train and mesh sections (model fields are checked by
+# each family's Config.validate): (field, rule, what the bounds mean, when the rule applies). A rule is ">= a",
+# "> a", an interval "[a, b)" / "(a, b]" / ..., or alternatives joined by " or " (a bare number allows that
+# value). tests/test_config.py checks that every numeric field has a rule.
+RANGES = [
+    ("data.bpe_vocab_size", "> 262", "the 256 bytes and the special tokens, then merges",
+     lambda cfg: cfg.data.tokenizer == "bpe"),
+    ("data.seq_len", ">= 1", "", None),
+    ("data.heldout_fraction", "(0, 1)", "the held-out share of the text", None),
+    ("data.eval_bytes", ">= 1", "", None),
+    ("data.task_pairs", ">= 1", "", None),
+    ("data.task_pairs", "[1, 128]", "mqar keys are distinct byte ids 0..127", lambda cfg: cfg.data.dataset == "mqar"),
+    ("data.eval_examples", ">= 1", "", None),
+    ("data.task_size", ">= 0", "0: the task's default", None),
+    ("data.task_depth", ">= 0", "0: the task's default", None),
+    ("data.task_pause", ">= 0", "", None),
+    ("data.task_thoughts", ">= 0", "", None),
+    ("data.task_max_stage", ">= 0", "0: the task's most steps", None),
+    ("data.task_stage", ">= -1", "-1: data.task_stage_steps steps per stage", None),
+    ("data.task_stage_steps", ">= 0", "", None),
+    ("train.steps", ">= 1", "", None),
+    ("train.batch_size", ">= 1", "", None),
+    ("train.grad_accum", ">= 1", "", None),
+    ("train.lr", "> 0", "", None),
+    ("train.warmup_steps", ">= 0", "", None),
+    ("train.min_lr_ratio", "[0, 1]", "the cosine ends at lr * min_lr_ratio", None),
+    ("train.weight_decay", ">= 0", "", None),
+    ("train.b1", "[0, 1)", "", None),
+    ("train.b2", "[0, 1)", "", None),
+    ("train.grad_clip", ">= 0", "0 turns clipping off", None),
+    ("train.seed", ">= 0", "", None),
+    ("train.log_every", ">= 1", "", None),
+    ("train.eval_every", ">= 0", "0: only the final eval", None),
+    ("train.ckpt_every", ">= 0", "0: only the final checkpoint", None),
+    ("train.keep_checkpoints", ">= 1", "", None),
+    ("train.eval_repeats", ">= 1", "", None),
+    ("train.samples", ">= 0", "0 turns samples off", None),
+    ("train.sample_len", ">= 1", "tokens per sample; train.samples=0 turns samples off",
+     lambda cfg: cfg.train.samples > 0),
+    ("train.power_w", ">= 0", "0 picks a per-backend default", None),
+    ("mesh.data", "-1 or >= 1", "-1 takes every device mesh.fsdp does not use", None),
+    ("mesh.fsdp", ">= 1", "", None),
+]
+
+
+def _allows(rule, value):
+  """Whether value satisfies a RANGES rule."""
+  for part in rule.split(" or "):
+    if part.startswith(">="):
+      ok = value >= float(part[2:])
+    elif part.startswith(">"):
+      ok = value > float(part[1:])
+    elif part[0] in "[(":
+      lo, hi = (float(x) for x in part[1:-1].split(","))
+      ok = (value >= lo if part[0] == "[" else value > lo) and (value <= hi if part[-1] == "]" else value < hi)
+    else:
+      ok = value == float(part)
+    if ok:
+      return True
+  return False
+
+
+def _check_range(cfg, name, rule, note):
+  section, field = name.split(".")
+  obj = getattr(cfg, section)
+  value, typ = getattr(obj, field), typing.get_type_hints(type(obj))[field]
+  numeric = (int,) if typ is int else (int, float)
+  if isinstance(value, bool) or not isinstance(value, numeric):
+    raise ConfigError(f"{name}={value!r}: expected a value of type {typ.__name__}")
+  if not math.isfinite(value):
+    raise ConfigError(f"{name}={value}: must be a finite number")
+  if not _allows(rule, value):
+    where = "in " if rule[0] in "[(" else ""
+    raise ConfigError(f"{name}={value}: must be {where}{rule}" + (f" ({note})" if note else ""))
+
+
 def validate(cfg):
   """Raise ConfigError for the first bad value; returns cfg unchanged."""
   if cfg.family not in archs.FAMILIES:
     raise ConfigError(f"family={cfg.family!r}: valid: {sorted(archs.FAMILIES)}")
   if not isinstance(cfg.model, archs.get_family(cfg.family).Config):
     raise ConfigError(f"model: {type(cfg.model).__name__} is not the Config of family {cfg.family!r}")
+  for name, rule, note, when in RANGES:
+    if when is None or when(cfg):
+      _check_range(cfg, name, rule, note)
   try:
     cfg.model.validate()
     check_data = getattr(archs.get_family(cfg.family), "check_data", None)  # a family's needs of the data layout
@@ -192,29 +273,14 @@ def validate(cfg):
   if d.dataset == "mqar" and d.seq_len < 4 * d.task_pairs:
     raise ConfigError(f"data.seq_len={d.seq_len}: {d.dataset} with data.task_pairs={d.task_pairs} needs at least "
                       f"{4 * d.task_pairs}")
-  if d.dataset == "mqar" and not 1 <= d.task_pairs <= 128:
-    raise ConfigError(f"data.task_pairs={d.task_pairs}: valid: 1..128 (keys are distinct byte ids 0..127)")
   from altbench.train import reasoning_tasks
   if d.dataset in reasoning_tasks.TASKS:
     try:
       reasoning_tasks.layout(d)
     except ValueError as e:
       raise ConfigError(str(e)) from None
-  if d.tokenizer == "bpe" and d.bpe_vocab_size <= 262:
-    raise ConfigError(f"data.bpe_vocab_size={d.bpe_vocab_size}: must exceed the 256 bytes and specials")
-  if not 0 < d.heldout_fraction < 1:
-    raise ConfigError(f"data.heldout_fraction={d.heldout_fraction}: must be in (0, 1)")
-  positive = {"data.seq_len": d.seq_len, "data.eval_bytes": d.eval_bytes, "train.steps": t.steps,
-              "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.lr": t.lr,
-              "train.log_every": t.log_every, "train.keep_checkpoints": t.keep_checkpoints,
-              "train.eval_repeats": t.eval_repeats}
-  for name, value in positive.items():
-    if value <= 0:
-      raise ConfigError(f"{name}={value}: must be positive")
   if t.batch_size % t.grad_accum:
     raise ConfigError(f"train.grad_accum={t.grad_accum}: must divide train.batch_size={t.batch_size}")
-  if cfg.mesh.fsdp < 1 or (cfg.mesh.data < 1 and cfg.mesh.data != -1):
-    raise ConfigError(f"mesh: data={cfg.mesh.data}, fsdp={cfg.mesh.fsdp}: use positive sizes (data may be -1)")
   return cfg
 
 
@@ -228,6 +294,35 @@ def from_dict(d):
   known = lambda cls, values: cls(**{k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(cls)}})
   return Config(family=d["family"], model=known(family.Config, d["model"]), data=known(DataConfig, d["data"]),
                 train=known(TrainConfig, d["train"]), mesh=known(MeshConfig, d["mesh"]))
+
+
+def read_run_config(run_dir):
+  """The config dict (to_dict's form) a run directory's config.json holds; the one reader of that file.
+
+  FileNotFoundError without a config.json; ConfigError naming the file when it is not one altbench wrote
+  (unreadable JSON, another program's config such as a Hugging Face model's, an unknown family).
+  """
+  path = os.path.join(run_dir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ConfigError(f"{path} is not an altbench run's config: not valid JSON ({e})") from None
+  cfg = saved.get("config") if isinstance(saved, dict) else None
+  sections = ("model", "data", "train", "mesh")
+  if not isinstance(cfg, dict) or not isinstance(cfg.get("family"), str) or not all(
+      isinstance(cfg.get(k), dict) for k in sections):
+    found = f"keys {sorted(saved)[:6]}" if isinstance(saved, dict) else f"a JSON {type(saved).__name__}"
+    hint = ""
+    if isinstance(saved, dict) and ("architectures" in saved or "model_type" in saved):
+      hint = f"; it looks like a Hugging Face model's: import it with `altbench convert-hf {run_dir} --out RUN`"
+    expected = '{"config": {"family", "model", "data", "train", "mesh"}, ...}'
+    raise ConfigError(f"{path} is not an altbench run's config (expected {expected}, found {found}){hint}")
+  if cfg["family"] not in archs.FAMILIES:
+    raise ConfigError(f"{path}: family={cfg['family']!r} is not registered; valid: {sorted(archs.FAMILIES)}")
+  return cfg
 
 
 # Fields that may differ when a run directory is resumed: they change when things are logged or saved,

@@ -60,50 +60,100 @@ _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, 
 
 
 class ConversionError(config_lib.ConfigError):
-  """An unsupported Hugging Face config field or value, or weights that do not fit the config."""
+  """An unsupported Hugging Face config field or value, weights that do not fit the config, or a file of the
+  Hugging Face directory that cannot be read (malformed or truncated JSON or safetensors)."""
 
 
 # ----------------------------------------------------------------------------------------------- reading
+
+
+def _read_json(path, what):
+  """A JSON file of the Hugging Face directory; ConversionError naming it when it does not parse."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ConversionError(f"{path}: not valid JSON ({e}); expected {what}") from None
 
 
 def read_config(hf_dir):
   path = os.path.join(hf_dir, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
-  with open(path) as f:
-    return json.load(f)
+  hf = _read_json(path, "a Hugging Face model config (save_pretrained output)")
+  if not isinstance(hf, dict):
+    raise ConversionError(f"{path}: a JSON {type(hf).__name__}; expected a Hugging Face model config (an object)")
+  return hf
 
 
 def _read_safetensors(path):
-  """{name: np.ndarray} of one .safetensors file, memory-mapped.
+  """{name: np.ndarray} of one .safetensors file, memory-mapped; ConversionError naming the file when it is
+  malformed or truncated.
 
-  Parsed directly (8-byte header length, JSON header, raw little-endian data) because the safetensors
-  package's numpy backend cannot return bfloat16, the usual dtype of published checkpoints.
+  Parsed directly (8-byte little-endian header length, JSON header, raw little-endian data) rather than with
+  the safetensors package (checked at 0.8.0): its numpy backend returns bfloat16, the usual dtype of published
+  checkpoints, only once ml_dtypes has registered that dtype with numpy, and it copies every tensor into
+  memory, where this reader maps the file and copies nothing until a tensor is converted; nor does
+  convert-hf then need the package (the `bench` extra).
   """
   import ml_dtypes
   dtypes = {**_SAFETENSORS_DTYPES, "BF16": ml_dtypes.bfloat16}
+  file_size = os.path.getsize(path)
+
+  def bad(problem):
+    return ConversionError(f"{path}: not a readable safetensors file: {problem} (the file has {file_size} bytes; "
+                           "truncated?)")
+
+  if file_size < 8:
+    raise bad("shorter than its 8-byte header length")
   with open(path, "rb") as f:
     (n,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(n))
-  size = os.path.getsize(path) - 8 - n
+    if n > file_size - 8:
+      raise bad(f"the header length says {n} bytes, {file_size - 8} follow")
+    try:
+      header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise bad(f"the header is not JSON: {e}") from None
+  if not isinstance(header, dict):
+    raise bad(f"the header is a JSON {type(header).__name__}, expected an object")
+  size = file_size - 8 - n
   data = np.memmap(path, np.uint8, "r", offset=8 + n, shape=(size,)) if size else np.zeros(0, np.uint8)
   out = {}
   for name, info in header.items():
     if name == "__metadata__":
       continue
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+      raise bad(f"tensor {name}: header entry {info!r}, expected dtype, shape and data_offsets")
     if info["dtype"] not in dtypes:
       raise ConversionError(f"{path}: tensor {name} has dtype {info['dtype']}; supported: {sorted(dtypes)}")
-    begin, end = info["data_offsets"]
-    out[name] = data[begin:end].view(dtypes[info["dtype"]]).reshape(info["shape"])
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not _naturals(shape) or not _naturals(offsets) or len(offsets) != 2:
+      raise bad(f"tensor {name}: shape {shape!r} and data_offsets {offsets!r}, expected lists of non-negative "
+                "integers")
+    begin, end = offsets
+    nbytes = math.prod(shape) * np.dtype(dtypes[info["dtype"]]).itemsize
+    if end - begin != nbytes or end > size:
+      raise bad(f"tensor {name}: {info['dtype']} {shape} takes {nbytes} bytes at data_offsets [{begin}, {end}] "
+                f"of {size} data bytes")
+    out[name] = data[begin:end].view(dtypes[info["dtype"]]).reshape(shape)
   return out
+
+
+def _naturals(xs):
+  """Whether xs is a JSON list of non-negative integers."""
+  return isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs)
 
 
 def read_weights(hf_dir):
   """{name: np.ndarray} of every tensor in hf_dir's safetensors files (one file or shards with an index)."""
   index = os.path.join(hf_dir, "model.safetensors.index.json")
   if os.path.isfile(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
+    expected = 'a safetensors index ({"weight_map": {tensor: file}})'
+    weight_map = _read_json(index, expected)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict):
+      raise ConversionError(f"{index}: no weight_map; expected {expected}")
+    files = sorted(set(weight_map.values()))
   else:
     files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
   if not files:

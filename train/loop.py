@@ -7,7 +7,6 @@ so the resumed losses equal those of an uninterrupted run.
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import platform
@@ -51,8 +50,7 @@ def resolve(cfg, workdir):
   cached only once the config is known to be valid and compatible).
   """
   config.validate(cfg)
-  saved_path = os.path.join(workdir, "config.json")
-  saved = json.load(open(saved_path))["config"] if os.path.exists(saved_path) else None
+  saved = config.read_run_config(workdir) if os.path.exists(os.path.join(workdir, "config.json")) else None
   corpus = data.load_corpus(cfg.data, workdir if saved is not None else None)
   if cfg.model.vocab_size == 0:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=corpus.tokenizer.vocab_size))
@@ -111,10 +109,7 @@ def _latest_params(run_dir):
 
 def _restore_run(workdir):
   """load_run without the corpus (reading it can take seconds): (cfg, family, graphdef, state, mesh, step)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{workdir} is not a run directory (no config.json)")
-  cfg = config.from_dict(json.load(open(path))["config"])
+  cfg = config.from_dict(config.read_run_config(workdir))
   family = archs.get_family(cfg.family)
   mesh_ = mesh.make_mesh(cfg.mesh)
   tx = step.make_optimizer(cfg.train)
@@ -195,9 +190,10 @@ def _write_samples(workdir, step_, pairs):
 
 def _params_from(run_dir, family, model_cfg):
   """The latest parameters of run_dir, checked against model_cfg's (same tree, shapes and dtypes)."""
-  if not os.path.isfile(os.path.join(run_dir, "config.json")):
-    raise config.ConfigError(f"train.init_from={run_dir!r}: not a run directory (no config.json)")
-  theirs = _restore_run(run_dir)[3]["params"]
+  try:
+    theirs = _restore_run(run_dir)[3]["params"]
+  except (FileNotFoundError, config.ConfigError) as e:  # not a run directory, or one without a checkpoint
+    raise config.ConfigError(f"train.init_from={run_dir!r}: {e}") from None
   mine = nnx.state(nnx.eval_shape(lambda: step.build_model(family, model_cfg, nnx.Rngs(0))), nnx.Param)
   flat = lambda t: {jax.tree_util.keystr(k): (x.shape, str(x.dtype))
                     for k, x in jax.tree_util.tree_flatten_with_path(t)[0]}

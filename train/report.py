@@ -1,19 +1,20 @@
 """`altbench report`: a table of runs' final metrics, a plot of loss and bits per byte against FLOPs, and what
 general-purpose compressors achieve on the same held-out bytes."""
 
-import json
 import os
 
+from altbench.train.config import read_run_config
 from altbench.train.metrics import read_jsonl
 
 
 def report(runs, png_path, compressors=True):
-  rows, curves = [], []
+  rows, curves, configs = [], [], []
   for run in runs:
     lines = read_jsonl(os.path.join(run, "metrics.jsonl"))
     if not lines:
       raise FileNotFoundError(f"{run} has no metrics.jsonl lines")
-    cfg = json.load(open(os.path.join(run, "config.json")))["config"]
+    cfg = read_run_config(run)
+    configs.append(cfg)
     train = [l for l in lines if "loss" in l]
     evals = [l for l in lines if "eval_bpb" in l]
     last = lines[-1]
@@ -31,7 +32,7 @@ def report(runs, png_path, compressors=True):
                f"{r['eval_bpb']:.4f} | {r['flops']:.3g} | {r['wall_s']:.1f} | {r['energy_j']:.3g} |")
   out.append(f"\nenergy: {'; '.join(sorted({r['energy'] for r in rows}))}\nplot: {png_path}")
   if compressors:
-    out += compressor_table([json.load(open(os.path.join(run, "config.json")))["config"]["data"] for run in runs])
+    out += compressor_table([cfg["data"] for cfg in configs])
   return "\n".join(out)
 
 
