@@ -8,7 +8,7 @@ Implementations (``impl=``):
 
 * ``"reference"``: plain float32 einsums over the full (T, S) score matrix; the ground truth.
 * ``"xla"``: ``jax.nn.dot_product_attention(implementation="xla")`` with a boolean mask.
-* ``"pallas"``: flash attention kernels (kernels/flash_attention.py): Triton on GPU, Mosaic on TPU,
+* ``"pallas"``: flash attention kernels (kernels/flash_attention*.py): Triton on GPU, Mosaic on TPU,
   forward and backward, O(L) memory. On a CPU backend they run in Pallas interpret mode (for tests;
   slow). No dense ``mask`` (NotImplementedError). Tile sizes come from the tuning table
   (kernels/tuning.py, written by ``altbench bench kernels --tune``) for this device kind, else from the

@@ -19,7 +19,7 @@ weights and call sites port over unchanged. ``ssd`` is the single entry point;
   processed a few at a time (a scan over cache-sized blocks of chunks), so that
   time stays linear in the length too.
 * ``"pallas"``: the chunked algorithm as Pallas kernels with a hand-written
-  backward (kernels/ssd_pallas.py): Triton on GPU, Mosaic on TPU. On a CPU
+  backward (kernels/ssd_pallas*.py): Triton on GPU, Mosaic on TPU. On a CPU
   backend they run in Pallas interpret mode (for tests; slow). Matmul operands
   stay in the input dtype (bf16 in, float32 accumulation), so for bf16 inputs
   it is not bit-for-bit the float32 math of the other paths.

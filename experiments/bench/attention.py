@@ -7,7 +7,7 @@ What it measures
     * "fwd+bwd": jax.jit(jax.grad(loss, (q, k, v))) with loss = sum(out * fixed cotangent), and
     * "fwd":     jax.jit(attention)  (add or drop with --modes),
   for these implementations:
-    * pallas:     kernels.attention(..., impl="pallas")         (ours, kernels/flash_attention.py)
+    * pallas:     kernels.attention(..., impl="pallas")         (ours, kernels/flash_attention*.py)
     * cudnn:      jax.nn.dot_product_attention(..., implementation="cudnn", is_causal=True)
     * jax_pallas: jax.experimental.pallas.ops.gpu.attention.mha (jax's own Triton kernels, default
                   block sizes; import guarded, skipped if absent or failing)

@@ -1,4 +1,4 @@
-"""SSD scan speed: our Pallas kernels (kernels/ssd_pallas.py) against our chunked XLA path.
+"""SSD scan speed: our Pallas kernels (kernels/ssd_pallas*.py) against our chunked XLA path.
 
 What it measures
   For each sequence length L (default 2K, 4K, 8K, 16K) and chunk size (default 64, 128, 256), bf16
