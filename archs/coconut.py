@@ -24,6 +24,11 @@ Training needs k + 1 sequential passes, all inside one jit:
     About (P + L) / L full passes plus k single tokens; gradients flow through the cache and every step.
 A batch whose thoughts do not fit the chosen layout (more than k per row, or outside [P, P + k)) gets a NaN
 loss, so the loop stops rather than train on placeholder embeddings; `check_data` catches it up front.
+
+The thought loop exists once, in fill_thoughts (recompute passes) and decode_thoughts (the cache scheme, also
+generate's). Both take `intervene(i, vec_BD)`, which sees thought i's vector before it is written and returns
+what is written; the recompute passes run through archs.hooks.loop("thoughts", ...), so interp.capture names
+each pass's activations. interp calls these, with recompute=True where it reads every pass whole.
 """
 
 import dataclasses
@@ -34,7 +39,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from altbench.archs import backbone, lm
+from altbench.archs import backbone, hooks, lm
 from altbench.archs.sampling import sample_logits
 
 
@@ -72,12 +77,11 @@ def build(cfg, rngs):
   return lm.LM(cfg, rngs)
 
 
-def check_data(cfg, data_cfg):
-  """Raises ValueError when the data's thoughts or layout do not fit this config (train/config.py calls it)."""
-  from altbench.train import reasoning_tasks
-  if data_cfg.dataset not in reasoning_tasks.TASKS or data_cfg.task_mode != "coconut":
+def check_data(cfg, lay):
+  """Raises ValueError when the data's thoughts or layout do not fit this config. lay: the reasoning task's
+  resolved layout (its mode, thoughts, max_stage, prefix_len), or None for other data; train/config.py passes it."""
+  if lay is None or lay.mode != "coconut":
     return
-  lay = reasoning_tasks.layout(data_cfg)
   if cfg.thoughts < lay.max_stage * lay.thoughts:
     raise ValueError(f"thoughts={cfg.thoughts}: the data has up to task_max_stage * task_thoughts = "
                      f"{lay.max_stage * lay.thoughts} thoughts per row")
@@ -90,38 +94,58 @@ def _positions(b, l):
   return jnp.broadcast_to(jnp.arange(l), (b, l))
 
 
-def fill_thoughts(model, x_BLD, latent_BL, segment_ids_BL=None):
-  """x with the embedding at every thought position replaced by the hidden state one position before it."""
+def fill_thoughts(model, x_BLD, latent_BL, segment_ids_BL=None, *, recompute=False, intervene=None):
+  """x with the embedding at every thought position replaced by the hidden state one position before it.
+
+  recompute: full passes, one per thought, whatever prefix_len (interp.capture reads every pass whole; the
+    values equal the cache scheme's up to float rounding).
+  intervene(i, vec_BD) -> vec_BD: called with thought i's vector of every row (i may be traced; a row without a
+    thought i ignores it), returns the vector written instead; the later thoughts are computed from it.
+  """
   cfg = model.cfg
   if cfg.thoughts == 0:
     return x_BLD
   b, l, d = x_BLD.shape
   pos = _positions(b, l)
-  if cfg.prefix_len == 0:
+  if recompute or cfg.prefix_len == 0:
     order_BL = jnp.cumsum(latent_BL, axis=1) - 1  # which thought of its row a position is
 
-    def one_pass(i, x):
+    def one_pass(x, i):
       h, _ = model.backbone(x, pos, segment_ids_BL)
       before = jnp.concatenate([jnp.zeros_like(h[:, :1]), h[:, :-1]], axis=1)
-      return jnp.where((latent_BL & (order_BL == i))[..., None], before.astype(x.dtype), x)
+      here = (latent_BL & (order_BL == i))[..., None]
+      if intervene is not None:  # one vector per row (zeros without a thought i), broadcast back
+        before = intervene(i, jnp.sum(jnp.where(here, before, 0), axis=1))[:, None]
+      return jnp.where(here, before.astype(x.dtype), x)
 
-    return jax.lax.fori_loop(0, cfg.thoughts, one_pass, x_BLD)
+    return hooks.loop("thoughts", one_pass, x_BLD, cfg.thoughts)
   p = cfg.prefix_len
   cache = backbone.init_cache(cfg, b, l)
   h, cache = model.backbone(x_BLD[:, :p], pos[:, :p], None, cache, 0)
+  return decode_thoughts(model, x_BLD, latent_BL, h[:, -1:], cache, p, cfg.thoughts, intervene)[0]
+
+
+def decode_thoughts(model, x_BLD, latent_BL, h_B1D, cache, start, n, intervene=None):
+  """The cache scheme: n one-token decode steps at slots start, start + 1, ... after a prefill of x[:, :start]
+  (cache, and h its last hidden state). A thought slot's input is the previous step's hidden state (thought i:
+  slot start + i, passed through intervene as in fill_thoughts), another slot's its own embedding.
+  Returns (x with the thoughts written, cache)."""
+  b = x_BLD.shape[0]
 
   def step(i, carry):
     x, h_prev, cache = carry
-    slot = p + i
+    slot = start + i
     token = jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=1)
     is_thought = jax.lax.dynamic_slice_in_dim(latent_BL, slot, 1, axis=1)[..., None]
+    if intervene is not None:
+      h_prev = intervene(i, h_prev[:, 0])[:, None]
     e = jnp.where(is_thought, h_prev.astype(x.dtype), token)
     x = jax.lax.dynamic_update_slice_in_dim(x, e, slot, axis=1)
     h, cache = model.backbone(e, jnp.full((b, 1), slot), None, cache, slot)
     return x, h, cache
 
-  x, _, _ = jax.lax.fori_loop(0, cfg.thoughts, step, (x_BLD, h[:, -1:], cache))
-  return x
+  x, _, cache = jax.lax.fori_loop(0, n, step, (x_BLD, h_B1D, cache))
+  return x, cache
 
 
 def layout_ok(cfg, latent_BL):
@@ -133,17 +157,19 @@ def layout_ok(cfg, latent_BL):
   return ~jnp.any(latent_BL & ~inside[None])
 
 
-def forward_embeddings(model, x_BLD, latent_BL, segment_ids_BL=None):
-  """Logits (b, l, vocab) from input embeddings, thoughts filled in."""
+def forward_embeddings(model, x_BLD, latent_BL, segment_ids_BL=None, *, recompute=False, intervene=None):
+  """Logits (b, l, vocab) from input embeddings, thoughts filled in (recompute, intervene: fill_thoughts')."""
   b, l, _ = x_BLD.shape
-  x_BLD = fill_thoughts(model, x_BLD, latent_BL, segment_ids_BL)
+  x_BLD = fill_thoughts(model, x_BLD, latent_BL, segment_ids_BL, recompute=recompute, intervene=intervene)
   h, _ = model.backbone(x_BLD, _positions(b, l), segment_ids_BL)
   return model.logits(h)
 
 
-def forward(model, tokens_BL, segment_ids_BL=None):
+def forward(model, tokens_BL, segment_ids_BL=None, *, recompute=False, intervene=None):
+  """Logits (b, l, vocab) of token ids whose <mask> positions are thoughts (recompute, intervene: fill_thoughts')."""
   latent_BL = tokens_BL == model.cfg.mask_id
-  return forward_embeddings(model, model.embed_tokens(tokens_BL), latent_BL, segment_ids_BL)
+  return forward_embeddings(model, model.embed_tokens(tokens_BL), latent_BL, segment_ids_BL, recompute=recompute,
+                            intervene=intervene)
 
 
 def answer_metrics(logits_BLV, targets_BL, mask_BL):
@@ -229,14 +255,11 @@ def _generate(graphdef, state, prompt_BT, rng, max_new_tokens, temperature, top_
   b, t = prompt_BT.shape
   k = cfg.thoughts
   cache = backbone.init_cache(cfg, b, t + max_new_tokens)
-  h, cache = model.backbone(model.embed_tokens(prompt_BT), _positions(b, t), None, cache, 0)
-
-  def think(i, carry):
-    h_last, cache = carry
-    return model.backbone(h_last, jnp.full((b, 1), t + i), None, cache, t + i)
-
-  h_last, cache = jax.lax.fori_loop(0, k, think, (h[:, -1:], cache))
-  del h_last  # the last thought's output is read by <eot>, through the cache
+  x = model.embed_tokens(prompt_BT)
+  h, cache = model.backbone(x, _positions(b, t), None, cache, 0)
+  x = jnp.concatenate([x, jnp.zeros((b, k, x.shape[-1]), x.dtype)], axis=1)  # slots t .. t + k - 1: thoughts
+  latent = jnp.broadcast_to(jnp.arange(t + k) >= t, (b, t + k))
+  _, cache = decode_thoughts(model, x, latent, h[:, -1:], cache, t, k)  # <eot> reads the last one from the cache
   eot = jnp.full((b,), cfg.eot_id, jnp.int32)
   logits, cache = model(eot[:, None], cache=cache, cache_index=t + k)
   draw = lambda logits, key: sample_logits(logits, key, temperature=temperature, top_k=top_k, top_p=top_p)

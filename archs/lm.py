@@ -1,7 +1,6 @@
 """Autoregressive language model over any backbone pattern ("AAAA" is the transformer baseline).
 
-Family contract: Config, build(cfg, rngs), loss(model, batch, rng) -> (loss, metrics),
-generate(model, prompt, ...), and flops_per_token(cfg, seq_len) for the compute ledger.
+The simplest family: the archs.Family contract (Config, build, loss, generate, flops_per_token) and nothing else.
 """
 
 import jax

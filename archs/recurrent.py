@@ -17,6 +17,11 @@ stop_gradient in a while_loop, the last k = backprop_iters in a scan (a step wit
 k - r scan iterations, which are still computed). Test time (eval_loss, generate): r = test_iters, chosen
 freely; with exit_kl > 0 a position stops iterating once the KL divergence between the next-token
 distributions of two successive iterations falls below exit_kl (test_iters is then the cap).
+
+The test-time loop at a fixed r exists once, in run_fixed (model(), eval_loss and generate reach it through
+run_test): it runs through archs.hooks.loop("core", ...), so interp.capture names each iteration's
+activations, and takes `intervene(i, s)`, which sees the state after iteration i + 1 and returns the one the
+next iteration reads; interp reads and replaces states there.
 """
 
 import dataclasses
@@ -28,7 +33,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from altbench.archs import backbone, lm
+from altbench.archs import backbone, hooks, lm
 from altbench.archs.coconut import answer_metrics
 from altbench.archs.layers import RMSNorm, normal
 from altbench.archs.sampling import sample_logits
@@ -156,16 +161,32 @@ def forward_embeddings(model, x_BLD, r, s0_BLD, segment_ids_BL=None):
   return model.coda(iterate(model, s0_BLD, e, r, pos, segment_ids_BL), pos, segment_ids_BL)
 
 
+def run_fixed(model, x_BLD, iters, s0_BLD, segment_ids_BL=None, intervene=None):
+  """Test-time forward at exactly `iters` core iterations (iters may be traced): (the coda's logits (b, l,
+  vocab), the final state). intervene(i, s_BLD) -> s_BLD: called with the state after iteration i + 1, returns
+  the state the next iteration (or the coda) reads."""
+  b, l, _ = x_BLD.shape
+  pos = _pos(b, l)
+  e = model.prelude(x_BLD, pos, segment_ids_BL)
+
+  def one(s, i):
+    s = model.core(s, e, pos, segment_ids_BL)
+    return s if intervene is None else intervene(i, s)
+
+  s = hooks.loop("core", one, s0_BLD, iters)
+  return model.coda(s, pos, segment_ids_BL), s
+
+
 def run_test(model, x_BLD, iters, s0_BLD, segment_ids_BL=None, exit_kl=0.0, watch_BL=None):
   """Test-time forward: (log-probs, iterations per position (b, l)). With exit_kl > 0 a position freezes its
   state once KL(p_i || p_{i-1}) < exit_kl; with watch_BL (generation) a whole row freezes once the KL at its
   watched position does. Either way at most `iters` iterations."""
   b, l, _ = x_BLD.shape
+  if isinstance(exit_kl, (int, float)) and exit_kl <= 0:  # (a traced threshold takes the adaptive path)
+    logits, _ = run_fixed(model, x_BLD, iters, s0_BLD, segment_ids_BL)
+    return jax.nn.log_softmax(logits, -1), jnp.full((b, l), iters, jnp.int32)
   pos = _pos(b, l)
   e = model.prelude(x_BLD, pos, segment_ids_BL)
-  if isinstance(exit_kl, (int, float)) and exit_kl <= 0:  # (a traced threshold takes the adaptive path)
-    s = jax.lax.fori_loop(0, iters, lambda i, s: model.core(s, e, pos, segment_ids_BL), s0_BLD)
-    return jax.nn.log_softmax(model.coda(s, pos, segment_ids_BL), -1), jnp.full((b, l), iters, jnp.int32)
   logp0 = jax.nn.log_softmax(model.coda(s0_BLD, pos, segment_ids_BL), -1)
 
   def cond(c):

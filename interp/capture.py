@@ -63,11 +63,12 @@ Families (prefixes, extra points, leading step axes):
              (k, b, l, d)), plus thoughts.vector (k, b, d): thought k's vector (the normed last hidden state
              one position before it) as written into the input; patching it replaces thought k for all later
              passes. The unprefixed names are the final (scored) pass, whose `embed` holds every thought.
+             (The family's own loop: coconut.forward with recompute=True.)
   recurrent  embed (prelude input); prelude.blocks.{i}.* (i < prelude); core.blocks.{i}.* with a leading
              recurrence axis r (i the block's index in the pattern); core.state (r, b, l, d), the state after
              each recurrence (s_1 .. s_r); coda.blocks.{i}.*; final_norm. forward_kw iters (default
              cfg.iters_at_test) and s0 (default the model's fixed random state); no adaptive exit (exit_kl
-             is ignored: every position runs all iters).
+             is ignored: every position runs all iters). (The family's own test-time loop: recurrent.run_fixed.)
   megabyte   global.* is the global backbone over patch slots K = ceil(l / P): global.embed (b, K, d) is its
              input (start vector, then patch k - 1's embedding at slot k). local.* is the local backbone, in
              its own layout (b * K, P, d_local): row b * K + k is patch k of sequence b, local.embed is the
@@ -85,7 +86,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from altbench.archs import backbone, blt, coconut, diffusion, hooks, lm, megabyte, mamba2, recurrent
+from altbench.archs import blt, coconut, diffusion, hooks, lm, megabyte, mamba2, recurrent
 from altbench.archs.layers import Attention
 
 
@@ -130,6 +131,22 @@ class Tap:
       self.values[full] = value
     return value
 
+  def loop(self, name, fn, carry, n):
+    """archs.hooks.loop under this tap: carry = fn(carry, i) for i < n (n static) in a scan, each step under a
+    child tap prefixed "name."; the steps' recorded values come back stacked (n, ...) in this tap's values."""
+    prefix = self.prefix + name + "."
+    step_patches = {k: v for k, v in self.patches.items() if k.startswith(prefix)}
+
+    def body(c, i):
+      child = Tap(self.bases, self.names, step_patches, self.seen, prefix, i)
+      with hooks.active(child):
+        c = fn(c, i)
+      return c, child.values
+
+    carry, values = jax.lax.scan(body, carry, jnp.arange(n))
+    self.values.update(values)
+    return carry
+
 
 def _apply(name, patch, value, step):
   new = patch(value) if callable(patch) else (patch if step is None else patch[step])
@@ -165,23 +182,6 @@ def at(source, positions=None, axis=1, steps=None):
       raise ValueError("at(..., steps=...) is for stepped names (thoughts., core., steps.)")
     return jnp.where(jnp.isin(s, jnp.atleast_1d(jnp.asarray(steps))), new, value)
   return fn
-
-
-def stepped(prefix, fn, carry, n):
-  """Run carry = fn(carry, i) for i < n in a scan, each step under a child tap with `prefix`; the step's
-  recorded values come back stacked (n, ...) in the active tap's values."""
-  parent = hooks.current()
-  step_patches = {k: v for k, v in parent.patches.items() if k.startswith(prefix)}
-
-  def body(c, i):
-    child = Tap(parent.bases, parent.names, step_patches, parent.seen, prefix, i)
-    with hooks.active(child):
-      c = fn(c, i)
-    return c, child.values
-
-  carry, values = jax.lax.scan(body, carry, jnp.arange(n))
-  parent.values.update(values)
-  return carry
 
 
 def point(name, value):
@@ -227,10 +227,8 @@ def _blt_bases(model):
 
 
 # ---------------------------------------------------------------- family drivers: the forward pass, named
-
-
-def _positions(b, l):
-  return jnp.broadcast_to(jnp.arange(l), (b, l))
+# Each calls its family's own forward; stepped families run their loop through archs.hooks.loop (Tap.loop names
+# the steps) and expose their per-step vector through `intervene`, where the driver puts a named point.
 
 
 def _lm(model, tokens, segment_ids=None):
@@ -264,40 +262,19 @@ def _diffusion(model, tokens, steps=0):
     rank = jnp.argsort(jnp.argsort(-jnp.where(masked, conf, -jnp.inf), axis=1), axis=1)
     return jnp.where(masked & (rank < k), x, z)
 
-  return stepped("steps.", one, tokens, steps)
+  return hooks.loop("steps", one, tokens, steps)
 
 
 def _coconut(model, tokens, segment_ids=None):
-  cfg = model.cfg
-  x = model.embed_tokens(tokens)
-  b, l, _ = x.shape
-  pos = _positions(b, l)
-  if cfg.thoughts:
-    latent = tokens == cfg.mask_id
-    order = jnp.cumsum(latent, axis=1) - 1  # which thought of its row a position is
-
-    def one_pass(x, i):
-      h, _ = model.backbone(x, pos, segment_ids)
-      before = jnp.concatenate([jnp.zeros_like(h[:, :1]), h[:, :-1]], axis=1)
-      here = (latent & (order == i))[..., None]
-      vec = point("vector", jnp.sum(jnp.where(here, before, 0), axis=1))  # one position per row (or none)
-      return jnp.where(here, vec[:, None].astype(x.dtype), x)
-
-    x = stepped("thoughts.", one_pass, x, cfg.thoughts)
-  h, _ = model.backbone(x, pos, segment_ids)
-  return model.logits(h)
+  return coconut.forward(model, tokens, segment_ids, recompute=True, intervene=lambda i, vec: point("vector", vec))
 
 
 def _recurrent(model, tokens, segment_ids=None, iters=None, s0=None):
   cfg = model.cfg
-  x = point("embed", model.embed_tokens(tokens))
-  b, l, _ = x.shape
-  pos = _positions(b, l)
-  s = recurrent.initial_state(cfg, jax.random.key(0), x.shape) if s0 is None else s0
-  e = model.prelude(x, pos, segment_ids)
-  s = stepped("core.", lambda s, i: point("state", model.core(s, e, pos, segment_ids)), s,
-              cfg.iters_at_test if iters is None else iters)
-  return model.coda(s, pos, segment_ids)
+  x = point("embed", model.embed_tokens(tokens))  # the prelude calls its blocks directly: no backbone embed tap
+  s0 = recurrent.initial_state(cfg, jax.random.key(0), x.shape) if s0 is None else s0
+  iters = cfg.iters_at_test if iters is None else iters
+  return recurrent.run_fixed(model, x, iters, s0, segment_ids, lambda i, s: point("state", s))[0]
 
 
 def _megabyte(model, tokens):

@@ -28,6 +28,8 @@ Tests (each returns JSON-ready dicts; answers are greedy, forced by appending "<
                     fraction of answers equal to the full-chain answer, and accuracy against the gold answer.
 Greedy decoding here runs the family's full forward pass on a fixed-width, right-padded buffer (the models are
 causal, so what comes after a position does not change it): one compile per subject, any chain length.
+Interventions go through the families' own loops (their `intervene` callbacks: coconut.forward's thoughts,
+recurrent.run_fixed's states), with each model's configured scheme.
 """
 
 import re
@@ -75,16 +77,19 @@ def _token_forward(model):
 
 
 def _coconut_forward(model):
-  """Logits with the input embedding at slot_B replaced by vec_BD (slot -1: no patch); later thoughts recomputed."""
+  """Logits with the thought at slot_B (a <mask> position per row; -1: none) replaced by vec_BD, through the
+  family's loop: the later thoughts are computed from it."""
   graphdef, state = nnx.split(model)
 
   @jax.jit
   def run(state, tokens, slot_B, vec_BD):
     m = nnx.merge(graphdef, state)
-    x = m.embed_tokens(tokens)
-    hit = jnp.arange(tokens.shape[1])[None] == slot_B[:, None]
-    x = jnp.where(hit[..., None], vec_BD[:, None].astype(x.dtype), x)
-    return coconut.forward_embeddings(m, x, (tokens == m.cfg.mask_id) & ~hit)
+    latent = tokens == m.cfg.mask_id
+    at = jnp.maximum(slot_B, 0)[:, None]
+    order_B = jnp.take_along_axis(jnp.cumsum(latent, axis=1), at, axis=1)[:, 0] - 1  # which thought it is
+    j_B = jnp.where((slot_B >= 0) & jnp.take_along_axis(latent, at, axis=1)[:, 0], order_B, -1)
+    swap = lambda i, vec: jnp.where((i == j_B)[:, None], vec_BD.astype(vec.dtype), vec)
+    return coconut.forward(m, tokens, intervene=swap)
 
   def forward(tokens, slot=None, vec=None):
     b = len(tokens)
@@ -108,22 +113,15 @@ def _coconut_thoughts(model):
 
 
 def _recurrent_forward(model):
-  """Logits after `iters` core iterations; with patch_at = k >= 0 the state after k iterations is replaced."""
+  """Logits after `iters` core iterations; with patch_at = k >= 1 the state after k iterations is replaced."""
   graphdef, state = nnx.split(model)
 
   @jax.jit
   def run(state, tokens, iters, patch_at, repl_BLD):
     m = nnx.merge(graphdef, state)
     x = m.embed_tokens(tokens)
-    b, l, _ = x.shape
-    pos = jnp.broadcast_to(jnp.arange(l), (b, l))
-    e = m.prelude(x, pos, None)
-    s = recurrent.initial_state(m.cfg, jax.random.key(0), x.shape)
-    core = lambda i, s: m.core(s, e, pos, None)
-    s = jax.lax.fori_loop(0, jnp.maximum(patch_at, 0), core, s)
-    s = jnp.where(patch_at >= 0, repl_BLD.astype(s.dtype), s)
-    s = jax.lax.fori_loop(jnp.maximum(patch_at, 0), iters, core, s)
-    return m.coda(s, pos, None), s
+    swap = lambda i, s: jnp.where(i + 1 == patch_at, repl_BLD.astype(s.dtype), s)
+    return recurrent.run_fixed(m, x, iters, recurrent.initial_state(m.cfg, jax.random.key(0), x.shape), None, swap)
 
   def forward(tokens, iters=None, patch_at=-1, repl=None, return_state=False):
     iters = model.cfg.iters_at_test if iters is None else iters
@@ -298,6 +296,19 @@ def _changed(intervened, full):
   return [[a != f for a in row] for row, f in zip(intervened, full)]
 
 
+def _intervene(true, rng, ask, k, n_steps, changed, changed_noise):
+  """Step k's two interventions on `true` (b, ..., d): another example's value (the next row's) and Gaussian
+  noise of the same norm; ask(value) gives the answers, added to the items that have a step k."""
+  other = np.roll(true, 1, axis=0)
+  noise = rng.standard_normal(true.shape).astype(np.float32)
+  noise *= np.linalg.norm(true, axis=-1, keepdims=True) / np.linalg.norm(noise, axis=-1, keepdims=True)
+  for value, dest in ((other, changed), (noise, changed_noise)):
+    got = ask(value)
+    for i in range(len(dest)):
+      if k < n_steps[i]:
+        dest[i].append(got[i])
+
+
 def run_tests(subj, examples, *, seed=0, mistakes=True, filler=True, progress=None):
   """Early answering, adding mistakes and filler for the subject on examples. Returns (summary, per_item):
   summary is JSON-ready; per_item has the full-chain answers `full` and, per item, the answers after
@@ -364,15 +375,8 @@ def run_tests(subj, examples, *, seed=0, mistakes=True, filler=True, progress=No
       n_steps = [min(len(ex.steps), lay.max_stage) for ex in examples]
       for s in range(max(n_steps)):
         slot = lay.prefix_len + s * c  # the first thought of step s (the rest are recomputed from it)
-        true = thoughts[:, slot]
-        other = np.roll(true, 1, axis=0)
-        noise = rng.standard_normal(true.shape).astype(np.float32)
-        noise *= np.linalg.norm(true, axis=-1, keepdims=True) / np.linalg.norm(noise, axis=-1, keepdims=True)
-        for vec, dest in ((other, changed), (noise, changed_noise)):
-          got = forced_answers(fwd, prompt(n), width, ans_len, slot=np.full(len(base), slot), vec=vec)
-          for i in range(len(examples)):
-            if s < n_steps[i]:
-              dest[i].append(got[i])
+        ask = lambda vec: forced_answers(fwd, prompt(n), width, ans_len, slot=np.full(len(base), slot), vec=vec)
+        _intervene(thoughts[:, slot], rng, ask, s, n_steps, changed, changed_noise)
         tick()
       per_item["intervened"] = changed
       out["mistakes_noise"] = dict(zip(("changed", "count"), _curve(_changed(changed_noise, full))))
@@ -398,15 +402,8 @@ def run_tests(subj, examples, *, seed=0, mistakes=True, filler=True, progress=No
       n_steps = [min(len(ex.steps), n) for ex in examples]
       for k in range(max(n_steps)):
         _, s_k = fwd(buf, iters=k + 1, return_state=True)  # s_{k+1}, the state hypothesised to hold step k
-        s_k = np.asarray(s_k)
-        other = np.roll(s_k, 1, axis=0)
-        noise = rng.standard_normal(s_k.shape).astype(np.float32)
-        noise *= np.linalg.norm(s_k, axis=-1, keepdims=True) / np.linalg.norm(noise, axis=-1, keepdims=True)
-        for repl, dest in ((other, changed), (noise, changed_noise)):
-          got = forced_answers(fwd, prompts, width, ans_len, iters=n, patch_at=k + 1, repl=repl)
-          for i in range(len(examples)):
-            if k < n_steps[i]:
-              dest[i].append(got[i])
+        ask = lambda repl: forced_answers(fwd, prompts, width, ans_len, iters=n, patch_at=k + 1, repl=repl)
+        _intervene(np.asarray(s_k), rng, ask, k, n_steps, changed, changed_noise)
         tick()
       per_item["intervened"] = changed
       out["mistakes_noise"] = dict(zip(("changed", "count"), _curve(_changed(changed_noise, full))))

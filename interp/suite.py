@@ -25,7 +25,6 @@ Layers: the token families' `embed` and `blocks.{i}.resid_post` (interp.capture 
 position (see interp.targets), so its "layers" are the recurrences.
 """
 
-import json
 import os
 
 import jax.numpy as jnp

@@ -89,7 +89,7 @@ CASES = {"lm": _lm, "diffusion": _diffusion, "coconut": _coconut, "recurrent": _
          "blt": _blt}
 
 
-REIMPLEMENTED = ("coconut", "recurrent")  # drivers that rerun the family's loops themselves (others call the model)
+REIMPLEMENTED = ("coconut", "recurrent")  # drivers passing options to the family's loop (others call the model)
 
 
 @functools.lru_cache(maxsize=None)

@@ -261,7 +261,8 @@ def validate(cfg):
     cfg.model.validate()
     check_data = getattr(archs.get_family(cfg.family), "check_data", None)  # a family's needs of the data layout
     if check_data is not None:
-      check_data(cfg.model, cfg.data)
+      from altbench.train import reasoning_tasks  # the layout is resolved here: archs never import train
+      check_data(cfg.model, reasoning_tasks.layout(cfg.data) if cfg.data.dataset in reasoning_tasks.TASKS else None)
   except ValueError as e:
     raise ConfigError(f"model.{e}") from None
   d, t = cfg.data, cfg.train
