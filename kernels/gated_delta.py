@@ -60,7 +60,7 @@ import jax
 import jax.numpy as jnp
 from einops import einsum, rearrange
 
-from altbench.kernels.ssd import _document_ids, _segsum, _starts
+from altbench.kernels.ssd import _document_ids, _segsum, _starts, scan_blocks
 
 IMPLS = ("auto", "reference", "xla")
 
@@ -186,30 +186,13 @@ def _xla(q_BLHK, k_BLHK, v_BLHV, g_BLH, beta_BLH, S0_BHKV, doc_BL, chunk_size):
   nblocks = math.ceil(nchunks / _chunks_per_block(b, h, chunk_size, nchunks))
   if nblocks == 1:
     return _chunked(q_BLHK, k_BLHK, v_BLHV, g_BLH, beta_BLH, S0_BHKV, doc_BL, chunk_size)
-  # Equal blocks, so padding stays under one chunk per block; the pads are identity steps (module docstring).
-  block_len = math.ceil(nchunks / nblocks) * chunk_size
-  pad = nblocks * block_len - l
-  zero_pad = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
-  to_blocks = lambda a: rearrange(a, "b (s t) ... -> s b t ...", t=block_len)
-  xs = [to_blocks(zero_pad(a)) for a in (q_BLHK, k_BLHK, v_BLHV, g_BLH, beta_BLH)]
-  if doc_BL is None:
-    xs += [None, None]
-  else:
-    doc_SBT = to_blocks(jnp.pad(doc_BL, ((0, 0), (0, pad)), mode="edge"))
-    # A block is entered in the document that ended the previous one.
-    doc_enter_SB = jnp.concatenate([doc_SBT[:1, :, 0], doc_SBT[:-1, :, -1]], axis=0)
-    xs += [doc_SBT, doc_enter_SB]
 
-  # Rematerialised: the backward pass keeps only the states between blocks, not every block's
-  # (chunk x chunk) intermediates, at no cost in time (2 CPU cores, b2 h4 dk=dv=64: the same ms at 1K and 8K).
-  @jax.checkpoint
-  def block(S_BHKV, inputs):
-    q, k, v, g, beta, doc, doc_enter = inputs
-    o, S_BHKV = _chunked(q, k, v, g, beta, S_BHKV, doc, chunk_size, doc_enter)
+  def block(S_BHKV, xs, doc, doc_enter):
+    o, S_BHKV = _chunked(*xs, S_BHKV, doc, chunk_size, doc_enter)
     return S_BHKV, o
 
-  final_BHKV, o_SBTHV = jax.lax.scan(block, S0_BHKV, xs)
-  return rearrange(o_SBTHV, "s b t h v -> b (s t) h v")[:, :l], final_BHKV
+  # the pads are identity steps (module docstring)
+  return scan_blocks(block, S0_BHKV, (q_BLHK, k_BLHK, v_BLHV, g_BLH, beta_BLH), doc_BL, nchunks, nblocks, chunk_size)
 
 
 def _unit_lower_inverse(A_XII):

@@ -280,30 +280,44 @@ def _ssd_xla(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, h0_BHPN, doc_BL, chunk_size):
   nblocks = math.ceil(nchunks / _chunks_per_block(b, h, q, nchunks, p, B_BLGN.shape[-1]))
   if nblocks == 1:
     return _ssd_chunked(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, h0_BHPN, doc_BL, q)
-  # Equal blocks, so padding stays under one chunk per block; dt = 0 pads are identity steps.
-  block_len = math.ceil(nchunks / nblocks) * q
-  pad = nblocks * block_len - l
-  zero_pad = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
-  to_blocks = lambda a: rearrange(a, "b (s t) ... -> s b t ...", t=block_len)
-  xs = [to_blocks(zero_pad(a)) for a in (x_BLHP, dt_BLH, B_BLGN, C_BLGN)]
-  if doc_BL is None:
-    xs += [None, None]
-  else:
-    doc_SBT = to_blocks(jnp.pad(doc_BL, ((0, 0), (0, pad)), mode="edge"))
-    # A block is entered in the document that ended the previous one.
-    doc_enter_SB = jnp.concatenate([doc_SBT[:1, :, 0], doc_SBT[:-1, :, -1]], axis=0)
-    xs += [doc_SBT, doc_enter_SB]
 
-  # Rematerialised: recomputing a block's forward pass in the backward pass is cheaper on CPU
-  # than writing its (chunk x chunk) intermediates out and reading them back.
-  @jax.checkpoint
-  def block(state_BHPN, inputs):
-    x, dt, B, C, doc, doc_enter = inputs
+  def block(state_BHPN, xs, doc, doc_enter):
+    x, dt, B, C = xs
     y, state_BHPN = _ssd_chunked(x, dt, A_H, B, C, state_BHPN, doc, q, doc_enter)
     return state_BHPN, y
 
-  final_BHPN, y_SBTHP = jax.lax.scan(block, h0_BHPN, xs)
-  return rearrange(y_SBTHP, "s b t h p -> b (s t) h p")[:, :l], final_BHPN
+  # dt = 0 pads are identity steps
+  return scan_blocks(block, h0_BHPN, (x_BLHP, dt_BLH, B_BLGN, C_BLGN), doc_BL, nchunks, nblocks, q)
+
+
+def scan_blocks(block, state0, arrays, doc_BL, nchunks, nblocks, chunk):
+  """A chunked scan run over the sequence in nblocks equal blocks of chunks, carrying the state (the XLA paths
+  of ssd and gated_delta on CPU). arrays (b, l, ...) are zero-padded at the end (padding stays under one chunk
+  per block: the caller makes zero pads identity steps) and cut into blocks; block(state, arrays of one block,
+  doc_BT or None, doc_enter_B or None) -> (state, out_BT...), where doc_enter is the document the block is
+  entered in (the one that ended the previous block). Returns (out (b, l, ...), final state).
+
+  Each block is rematerialised: the backward pass keeps only the states between blocks, not every block's
+  (chunk x chunk) intermediates; recomputing a block's forward is no slower on CPU than storing them.
+  """
+  l = arrays[0].shape[1]
+  block_len = math.ceil(nchunks / nblocks) * chunk
+  pad = nblocks * block_len - l
+  zero_pad = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+  to_blocks = lambda a: rearrange(a, "b (s t) ... -> s b t ...", t=block_len)
+  xs = [to_blocks(zero_pad(a)) for a in arrays]
+  if doc_BL is None:
+    docs = (None, None)
+  else:
+    doc_SBT = to_blocks(jnp.pad(doc_BL, ((0, 0), (0, pad)), mode="edge"))
+    docs = (doc_SBT, jnp.concatenate([doc_SBT[:1, :, 0], doc_SBT[:-1, :, -1]], axis=0))
+
+  @jax.checkpoint
+  def step(state, inputs):
+    return block(state, inputs[:-2], *inputs[-2:])
+
+  final, out_SBT = jax.lax.scan(step, state0, (*xs, *docs))
+  return rearrange(out_SBT, "s b t ... -> b (s t) ...")[:, :l], final
 
 
 def _segsum(dA_Q):

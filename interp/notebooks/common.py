@@ -2,7 +2,7 @@
 
 ALTBENCH_NOTEBOOK_QUICK=1      a handful of training steps and a narrower model (what tests/test_notebooks.py
                                runs): the same code path with smaller numbers, so the numbers mean little.
-ALTBENCH_NOTEBOOK_WORKDIR=DIR  where runs are written (default runs/notebooks in the repository). A finished
+ALTBENCH_NOTEBOOK_WORKDIR=DIR  where runs are written (default runs/notebooks in the checkout). A finished
                                run of the same config there is loaded instead of retrained, so the notebooks
                                share runs: cot_faithfulness reuses coconut_thoughts' Coconut model and
                                lenses_across_steps the recurrent-depth model of cot_faithfulness.
@@ -18,8 +18,28 @@ from altbench.train import config, loop, metrics
 from altbench.train import reasoning_tasks as rt
 
 QUICK = os.environ.get("ALTBENCH_NOTEBOOK_QUICK", "0") == "1"
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-WORKDIR = os.environ.get("ALTBENCH_NOTEBOOK_WORKDIR") or os.path.join(ROOT, "runs", "notebooks")
+
+
+def checkout_root():
+  """The altbench checkout the notebook runs in (its experiments/ are read): the working directory or a folder
+  above it. The installed package does not carry experiments/, so it is not looked for beside this file."""
+  root = os.getcwd()
+  while not os.path.exists(os.path.join(root, "experiments", "reasoning.py")):
+    if os.path.dirname(root) == root:
+      raise FileNotFoundError(f"cwd {os.getcwd()!r} is not inside an altbench checkout (no experiments/reasoning.py "
+                              "in it or above it): start the notebook from the repository")
+    root = os.path.dirname(root)
+  return root
+
+
+def _default_workdir():
+  try:
+    return os.path.join(checkout_root(), "runs", "notebooks")
+  except FileNotFoundError:  # reading given run directories needs no checkout
+    return os.path.abspath(os.path.join("runs", "notebooks"))
+
+
+WORKDIR = os.environ.get("ALTBENCH_NOTEBOOK_WORKDIR") or _default_workdir()
 
 
 def pick(full, quick):
@@ -36,7 +56,7 @@ def experiment_config(experiment, variant, steps=None):
   no mid-run evals, checkpoints or samples (the notebooks read the final state), a small eval set, and in quick
   mode a 2-block 32-wide model (3 blocks for recurrent depth) trained for 4 steps. steps: train.steps instead
   of the experiment's FLOPs-matched count (Coconut's curriculum is rescaled to it)."""
-  cfg = config.load_experiment(os.path.join(ROOT, "experiments", f"{experiment}.py:{variant}"))
+  cfg = config.load_experiment(os.path.join(checkout_root(), "experiments", f"{experiment}.py:{variant}"))
   steps = pick(steps or cfg.train.steps, 4)
   sets = [f"train.steps={steps}", "train.eval_every=0", "train.ckpt_every=0", "train.samples=0",
           f"train.log_every={pick(10, 1)}", f"train.warmup_steps={max(1, steps // 20)}"]
