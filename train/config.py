@@ -257,12 +257,18 @@ def validate(cfg):
   for name, rule, note, when in RANGES:
     if when is None or when(cfg):
       _check_range(cfg, name, rule, note)
+  from altbench.train import reasoning_tasks
+  layout = None
+  if cfg.data.dataset in reasoning_tasks.TASKS:
+    try:
+      layout = reasoning_tasks.layout(cfg.data)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
   try:
     cfg.model.validate()
     check_data = getattr(archs.get_family(cfg.family), "check_data", None)  # a family's needs of the data layout
     if check_data is not None:
-      from altbench.train import reasoning_tasks  # the layout is resolved here: archs never import train
-      check_data(cfg.model, reasoning_tasks.layout(cfg.data) if cfg.data.dataset in reasoning_tasks.TASKS else None)
+      check_data(cfg.model, layout)  # resolved here: archs never import train
   except ValueError as e:
     raise ConfigError(f"model.{e}") from None
   d, t = cfg.data, cfg.train
@@ -274,12 +280,6 @@ def validate(cfg):
   if d.dataset == "mqar" and d.seq_len < 4 * d.task_pairs:
     raise ConfigError(f"data.seq_len={d.seq_len}: {d.dataset} with data.task_pairs={d.task_pairs} needs at least "
                       f"{4 * d.task_pairs}")
-  from altbench.train import reasoning_tasks
-  if d.dataset in reasoning_tasks.TASKS:
-    try:
-      reasoning_tasks.layout(d)
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
   if t.batch_size % t.grad_accum:
     raise ConfigError(f"train.grad_accum={t.grad_accum}: must divide train.batch_size={t.batch_size}")
   return cfg
