@@ -1,23 +1,26 @@
 """The layer stack every family shares, described by a pattern string (one character per block).
 
-"A" is attention, "M" a Mamba-2 mixer, "P" both in parallel on the same normed input (Falcon-H1), each
-in a pre-norm residual block followed by a SwiGLU MLP (unless mlp=False, as in pure Mamba-2 stacks). A
-hybrid is a pattern ("MMAMMMAM"), not a file.
+"A" is attention, "M" a Mamba-2 mixer, "G" a Gated DeltaNet mixer, "P" attention and Mamba-2 in parallel
+on the same normed input (Falcon-H1), each in a pre-norm residual block followed by a SwiGLU MLP (unless
+mlp=False, as in pure Mamba-2 stacks). A hybrid is a pattern ("MMAMMMAM", Qwen3-Next's "GGGA"), not a file.
 """
 
 import dataclasses
+import importlib
 import math
 
 import jax.numpy as jnp
 from flax import nnx
 
-from altbench.archs import hooks, mamba2
+from altbench.archs import gated_deltanet, hooks, mamba2
 from altbench.archs.layers import MLP, Attention, RMSNorm
 
-BLOCK_TYPES = {"A": "attention", "M": "Mamba-2", "P": "attention and Mamba-2 in parallel (Falcon-H1)"}
+BLOCK_TYPES = {"A": "attention", "M": "Mamba-2", "G": "Gated DeltaNet",
+               "P": "attention and Mamba-2 in parallel (Falcon-H1)"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ATTN_IMPLS = ("auto", "reference", "xla", "pallas")  # kernels.attention impls
 SSM_IMPLS = ("auto", "reference", "xla", "pallas")  # kernels.ssd impls
+GDN_IMPLS = importlib.import_module("altbench.kernels.gated_delta").IMPLS  # kernels.gated_delta impls
 MULTIPLIERS = ("attn_in_multiplier", "attn_out_multiplier", "ssm_in_multiplier", "ssm_out_multiplier",
                "embed_multiplier", "logits_multiplier", "attn_key_multiplier", "mlp_gate_multiplier",
                "mlp_down_multiplier", "ssm_z_multiplier", "ssm_x_multiplier", "ssm_b_multiplier", "ssm_c_multiplier",
@@ -51,6 +54,11 @@ class Config:
   chunk_size: int = 64
   norm_before_gate: bool = False
   ssm_impl: str = "auto"       # kernels.ssd impl
+  # Gated DeltaNet mixer ("G"; shares d_conv and chunk_size with Mamba-2)
+  gdn_heads: int = 0           # 0: n_heads
+  gdn_head_dim: int = 0        # dk, of q and k; 0: d_model // gdn heads
+  gdn_expand_v: int = 2        # dv = gdn_expand_v * dk (flash-linear-attention's default expand_v)
+  gdn_impl: str = "auto"       # kernels.gated_delta impl
   # Falcon-H1 parallel block ("P"): mixer inputs and outputs are scaled before they are summed
   attn_in_multiplier: float = 1.0
   attn_out_multiplier: float = 1.0
@@ -89,6 +97,18 @@ class Config:
   @property
   def ssm_heads(self):
     return self.ssm_inner // self.ssm_headdim
+
+  @property
+  def gdn_n_heads(self):
+    return self.gdn_heads or self.n_heads
+
+  @property
+  def gdn_dk(self):
+    return self.gdn_head_dim or self.d_model // self.gdn_n_heads
+
+  @property
+  def gdn_dv(self):
+    return self.gdn_expand_v * self.gdn_dk
 
   @property
   def compute_dtype(self):
@@ -134,6 +154,19 @@ class Config:
         raise ValueError(f"d_conv={self.d_conv}, chunk_size={self.chunk_size}: need d_conv >= 2, chunk_size >= 1")
       if self.ssm_impl not in SSM_IMPLS:
         raise ValueError(f"ssm_impl={self.ssm_impl!r}: valid: {SSM_IMPLS}")
+    if "G" in self.pattern:
+      for name in ("gdn_heads", "gdn_head_dim"):
+        if getattr(self, name) < 0:
+          raise ValueError(f"{name}={getattr(self, name)}: valid: 0 (the default) or a positive int")
+      if self.gdn_expand_v < 1:
+        raise ValueError(f"gdn_expand_v={self.gdn_expand_v}: valid: a positive int (dv = gdn_expand_v * dk)")
+      if self.gdn_dk < 1:
+        raise ValueError(f"gdn_heads={self.gdn_n_heads}: more heads than d_model={self.d_model} channels "
+                         "(set gdn_head_dim)")
+      if self.d_conv < 2 or self.chunk_size < 1:
+        raise ValueError(f"d_conv={self.d_conv}, chunk_size={self.chunk_size}: need d_conv >= 2, chunk_size >= 1")
+      if self.gdn_impl not in GDN_IMPLS:
+        raise ValueError(f"gdn_impl={self.gdn_impl!r}: valid: {GDN_IMPLS}")
 
 
 class Parallel(nnx.Module):
@@ -162,7 +195,7 @@ class Block(nnx.Module):
     norm = lambda: RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
     self.kind = kind
     self.mixer_norm = norm()
-    mixers = {"A": Attention, "M": mamba2.Mamba2, "P": Parallel}
+    mixers = {"A": Attention, "M": mamba2.Mamba2, "G": gated_deltanet.GatedDeltaNet, "P": Parallel}
     self.mixer = mixers[kind](cfg, rngs, out_std=out_std)
     self.mlp_norm = norm() if cfg.mlp else None
     self.mlp = MLP(cfg, rngs, out_std=out_std) if cfg.mlp else None
@@ -195,10 +228,12 @@ class Backbone(nnx.Module):
 
 
 def init_cache(cfg, batch_size, max_len):
-  """Empty per-block decode state: a KV cache for attention, conv and SSM states for Mamba-2."""
+  """Empty per-block decode state: a KV cache for attention, conv and recurrent states for Mamba-2 and
+  Gated DeltaNet."""
   shape = (batch_size, max_len, cfg.kv_heads, cfg.dim_head)
   kv = lambda: {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
   make = {"A": kv, "M": lambda: mamba2.init_cache(cfg, batch_size),
+          "G": lambda: gated_deltanet.init_cache(cfg, batch_size),
           "P": lambda: {"attn": kv(), "ssm": mamba2.init_cache(cfg, batch_size)}}
   return [make[kind]() for kind in cfg.pattern]
 
@@ -211,7 +246,9 @@ def forward_flops_per_token(cfg, seq_len):
   """
   d, h, hk, hd, f = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_head, cfg.ffn_dim
   attn = 2 * d * hd * (2 * h + 2 * hk) + 2 * 2 * seq_len * h * hd
-  ssm = mamba2.forward_flops_per_token(cfg)
+  directions = 1 if cfg.causal else 2  # a bidirectional recurrent mixer scans both ways
+  mixer = {"A": attn, "M": directions * mamba2.forward_flops_per_token(cfg),
+           "G": directions * gated_deltanet.forward_flops_per_token(cfg)}
+  mixer["P"] = attn + mixer["M"]
   mlp = 2 * 3 * d * f if cfg.mlp else 0
-  directions = 1 if cfg.causal else 2  # a bidirectional Mamba-2 mixer scans both ways
-  return sum((attn if k == "A" else directions * ssm + (attn if k == "P" else 0)) + mlp for k in cfg.pattern)
+  return sum(mixer[k] + mlp for k in cfg.pattern)

@@ -45,6 +45,50 @@ def _uniform(lo, hi):
   return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, lo, hi)
 
 
+def dt_bias_init(key, heads, dtype):
+  """softplus^-1 of steps dt log-uniform in [1e-3, 0.1] (the Mamba-2 paper's, reused by Gated DeltaNet)."""
+  dt = jnp.exp(_uniform(math.log(1e-3), math.log(0.1))(key, (heads,), jnp.float32))
+  dt = jnp.maximum(dt, 1e-4)
+  return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
+
+def conv_params(rngs, width, channels, dtype):
+  """Kernel (width, channels) and bias of a depthwise conv, PyTorch's default init (fan_in = width)."""
+  bound = 1 / math.sqrt(width)
+  return (nnx.Param(_uniform(-bound, bound)(rngs.params(), (width, channels), dtype)),
+          nnx.Param(_uniform(-bound, bound)(rngs.params(), (channels,), dtype)))
+
+
+def causal_conv(x_BLC, kernel_KC, bias_C, seg_BL):
+  """silu(causal depthwise conv) in float32; taps never reach into an earlier document of a packed sequence
+  (seg_BL None: one document per row, no masks to compute)."""
+  k = kernel_KC.shape[0]
+  pad = lambda a, v: jnp.pad(a, ((0, 0), (k - 1, 0)) + ((0, 0),) * (a.ndim - 2), constant_values=v)
+  x_pad = pad(x_BLC.astype(jnp.float32), 0.0)
+  seg_pad = None if seg_BL is None else pad(seg_BL, -1)
+  kernel = kernel_KC.astype(jnp.float32)
+  l = x_BLC.shape[1]
+  out = bias_C.astype(jnp.float32)
+  for i in range(k):  # tap i multiplies x[t - (k - 1 - i)]
+    tap = x_pad[:, i:i + l]
+    if seg_pad is not None:
+      tap = jnp.where((seg_pad[:, i:i + l] == seg_BL)[..., None], tap, 0.0)
+    out = out + tap * kernel[i]
+  return jax.nn.silu(out)
+
+
+def conv_step(state_BKC, x_B1C, kernel_KC, bias_C):
+  """One decode step of causal_conv: (silu(conv) (b, 1, c), the new state (the last k - 1 inputs))."""
+  window = jnp.concatenate([state_BKC.astype(jnp.float32), x_B1C.astype(jnp.float32)], axis=1)
+  conv = jnp.einsum("bkc,kc->bc", window, kernel_KC.astype(jnp.float32)) + bias_C.astype(jnp.float32)
+  return jax.nn.silu(conv)[:, None], window[:, 1:].astype(state_BKC.dtype)
+
+
+def conv_tail(x_BLC, width, dtype):
+  """The decode conv state after a prefill: the last width - 1 inputs (zeros before the sequence)."""
+  return jnp.pad(x_BLC, ((0, 0), (width - 1, 0), (0, 0)))[:, -(width - 1):].astype(dtype)
+
+
 class Mamba2(nnx.Module):
   """Mamba-2 mixer on (b, l, d_model); causal, or run on the reversed sequence too when bidirectional."""
 
@@ -58,14 +102,10 @@ class Mamba2(nnx.Module):
     pd = cfg.weight_dtype
     self.in_proj = nnx.Linear(d, 2 * di + 2 * g * n + h, use_bias=False, dtype=cfg.compute_dtype, param_dtype=pd,
                               kernel_init=normal(cfg.init_std), rngs=rngs)
-    bound = 1 / math.sqrt(cfg.d_conv)  # PyTorch's default for a depthwise conv (fan_in = width)
-    self.conv_kernel = nnx.Param(_uniform(-bound, bound)(rngs.params(), (cfg.d_conv, self.conv_dim), pd))
-    self.conv_bias = nnx.Param(_uniform(-bound, bound)(rngs.params(), (self.conv_dim,), pd))
+    self.conv_kernel, self.conv_bias = conv_params(rngs, cfg.d_conv, self.conv_dim, pd)
     # A in [1, 16] and dt in [1e-3, 0.1] log-uniform, as in the Mamba-2 paper; dt_bias = softplus^-1(dt).
     self.A_log = nnx.Param(jnp.log(_uniform(1.0, 16.0)(rngs.params(), (h,), jnp.float32)).astype(pd))
-    dt = jnp.exp(_uniform(math.log(1e-3), math.log(0.1))(rngs.params(), (h,), jnp.float32))
-    dt = jnp.maximum(dt, 1e-4)
-    self.dt_bias = nnx.Param((dt + jnp.log(-jnp.expm1(-dt))).astype(pd))
+    self.dt_bias = nnx.Param(dt_bias_init(rngs.params(), h, pd))
     self.D = nnx.Param(jnp.ones((h,), pd))
     self.norm = GatedRMSNorm(di, g, cfg.norm_eps, cfg.norm_before_gate, pd) if cfg.ssm_norm else None
     # Falcon-H1 scales in_proj's z, x, B, C and dt outputs (its "mup vector"); None when all are 1.
@@ -94,23 +134,6 @@ class Mamba2(nnx.Module):
     di, gn = self.d_inner, self.groups * self.d_state
     return jnp.split(zxbcdt, [di, 2 * di + 2 * gn], axis=-1)  # z, xBC, dt
 
-  def _conv(self, xBC_BLC, seg_BL):
-    """Causal depthwise conv; taps never reach into an earlier document of a packed sequence (seg_BL None:
-    one document per row, no masks to compute)."""
-    k = self.d_conv
-    pad = lambda a, v: jnp.pad(a, ((0, 0), (k - 1, 0)) + ((0, 0),) * (a.ndim - 2), constant_values=v)
-    x_pad = pad(xBC_BLC.astype(jnp.float32), 0.0)
-    seg_pad = None if seg_BL is None else pad(seg_BL, -1)
-    kernel = self.conv_kernel[...].astype(jnp.float32)
-    l = xBC_BLC.shape[1]
-    out = self.conv_bias[...].astype(jnp.float32)
-    for i in range(k):  # tap i multiplies x[t - (k - 1 - i)]
-      tap = x_pad[:, i:i + l]
-      if seg_pad is not None:
-        tap = jnp.where((seg_pad[:, i:i + l] == seg_BL)[..., None], tap, 0.0)
-      out = out + tap * kernel[i]
-    return jax.nn.silu(out)
-
   def _heads(self, xBC):
     """xBC (b, l, conv_dim) -> x (b, l, h, p), B and C (b, l, g, n)."""
     di, gn = self.d_inner, self.groups * self.d_state
@@ -122,7 +145,7 @@ class Mamba2(nnx.Module):
     z, xBC, dt = self._split(self._project(x_BLD))
     # The scan reads x, B, C in the compute dtype, as mamba_ssm's conv hands them over: float32 operands would
     # run the Pallas kernels' dots at HIGHEST precision, off the bf16 tensor cores.
-    xBC = self._conv(xBC, seg_BL).astype(self.compute_dtype)
+    xBC = causal_conv(xBC, self.conv_kernel[...], self.conv_bias[...], seg_BL).astype(self.compute_dtype)
     x, B, C = self._heads(xBC)
     y, final = kernels.ssd(x, dt, -jnp.exp(self.A_log[...].astype(jnp.float32)), B, C, self.chunk_size,
                            D=self.D[...], dt_bias=self.dt_bias[...], initial_states=initial_states,
@@ -187,16 +210,14 @@ class Mamba2(nnx.Module):
     if l > 1:  # prefill from an empty cache: the chunked scan's final state seeds decoding
       out, final = self._scan(x_BLD, seg)
       _, xBC, _ = self._split(self._project(x_BLD))
-      tail = jnp.pad(xBC, ((0, 0), (self.d_conv - 1, 0), (0, 0)))[:, -(self.d_conv - 1):]
-      return out, {"conv": tail.astype(cache["conv"].dtype), "ssm": final}
+      return out, {"conv": conv_tail(xBC, self.d_conv, cache["conv"].dtype), "ssm": final}
     return self._step(x_BLD, cache)
 
   def _step(self, x_B1D, cache):
     """One recurrent decode step: O(1) in the context length."""
     z, xBC, dt = self._split(self._project(x_B1D))
-    window = jnp.concatenate([cache["conv"].astype(jnp.float32), xBC.astype(jnp.float32)], axis=1)
-    conv = jnp.einsum("bkc,kc->bc", window, self.conv_kernel[...].astype(jnp.float32)) + self.conv_bias[...]
-    x, B, C = self._heads(jax.nn.silu(conv)[:, None])
+    conv, window = conv_step(cache["conv"], xBC, self.conv_kernel[...], self.conv_bias[...])
+    x, B, C = self._heads(conv)
     dt_BH = jax.nn.softplus(dt[:, 0].astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
     A_H = -jnp.exp(self.A_log[...].astype(jnp.float32))
     rep = self.heads // self.groups
@@ -205,7 +226,7 @@ class Mamba2(nnx.Module):
     h = cache["ssm"] * jnp.exp(dt_BH * A_H)[..., None, None] + jnp.einsum("bh,bhp,bhn->bhpn", dt_BH, x_BHP, B_BHN)
     y_BHP = jnp.einsum("bhpn,bhn->bhp", h, C_BHN) + self.D[...].astype(jnp.float32)[:, None] * x_BHP
     y = self._gate(rearrange(y_BHP, "b h p -> b 1 (h p)"), z)
-    return self.out_proj(y.astype(self.compute_dtype)), {"conv": window[:, 1:].astype(cache["conv"].dtype), "ssm": h}
+    return self.out_proj(y.astype(self.compute_dtype)), {"conv": window, "ssm": h}
 
 
 def init_cache(cfg, batch_size):

@@ -59,6 +59,10 @@ class ByteConfig:
   ssm_expand: int = 2
   d_conv: int = 4
   chunk_size: int = 64
+  gdn_heads: int = 0           # Gated DeltaNet fields, for "G" blocks in any part
+  gdn_head_dim: int = 0
+  gdn_expand_v: int = 2
+  gdn_impl: str = "auto"
 
   def sub(self, pattern, *, local):
     """The backbone.Config of one part: the global model (local=False) or a byte-level stack."""

@@ -86,7 +86,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from altbench.archs import blt, coconut, diffusion, hooks, lm, megabyte, mamba2, recurrent
+from altbench.archs import blt, coconut, diffusion, gated_deltanet, hooks, lm, megabyte, mamba2, recurrent
 from altbench.archs.layers import Attention
 
 
@@ -199,6 +199,8 @@ def _block_bases(block, base):
     out[id(mixer)] = base + ".attn."
   elif isinstance(mixer, mamba2.Mamba2):
     out[id(mixer)] = base + ".ssm."
+  elif isinstance(mixer, gated_deltanet.GatedDeltaNet):
+    out[id(mixer)] = base + ".gdn."
   else:  # "P": the Parallel module taps attn.out / ssm.out itself
     out.update({id(mixer): base + ".", id(mixer.attn): base + ".attn.", id(mixer.ssm): base + ".ssm."})
   return out

@@ -1,4 +1,5 @@
-"""Mamba-2 and hybrid backbones: causality per pattern, bidirectional mode, decode = forward, packing, init."""
+"""Mamba-2, Gated DeltaNet and hybrid backbones: causality per pattern, bidirectional mode, decode = forward,
+packing, init."""
 
 import math
 
@@ -28,7 +29,7 @@ def _grad_wrt_inputs(model, l, t):
   return jnp.abs(jax.grad(out_at_t)(emb))[0].max(axis=-1)
 
 
-@pytest.mark.parametrize("pattern", ["M", "P", "MAM", "MP"])
+@pytest.mark.parametrize("pattern", ["M", "P", "MAM", "MP", "G", "GGA"])
 def test_causal_through_gradients(pattern):
   _, model = _model(pattern)
   g = _grad_wrt_inputs(model, 19, 9)  # 19: not a multiple of the chunk size
@@ -36,14 +37,14 @@ def test_causal_through_gradients(pattern):
   assert float(g[:10].min()) > 0.0
 
 
-@pytest.mark.parametrize("pattern", ["M", "P", "MA"])
+@pytest.mark.parametrize("pattern", ["M", "P", "MA", "G"])
 def test_bidirectional_sees_the_future(pattern):
   _, model = _model(pattern, causal=False)
   g = _grad_wrt_inputs(model, 19, 9)
   assert float(g[10:].min()) > 0.0 and float(g[:9].min()) > 0.0
 
 
-@pytest.mark.parametrize("pattern,mlp,groups", [("MM", False, 1), ("MAMA", True, 2), ("PM", True, 1)])
+@pytest.mark.parametrize("pattern,mlp,groups", [("MM", False, 1), ("MAMA", True, 2), ("PM", True, 1), ("GGA", True, 1)])
 def test_decode_with_states_equals_full_forward(pattern, mlp, groups):
   cfg, model = _model(pattern, mlp=mlp, ssm_ngroups=groups)
   tokens = jax.random.randint(jax.random.key(1), (2, 21), 0, 256)
@@ -61,7 +62,7 @@ def test_decode_with_states_equals_full_forward(pattern, mlp, groups):
   np.testing.assert_array_equal(jnp.argmax(again[:, 4:], -1), out[:, 5:])
 
 
-@pytest.mark.parametrize("pattern", ["M", "P"])
+@pytest.mark.parametrize("pattern", ["M", "P", "G"])
 def test_packed_documents_do_not_leak_through_conv_or_state(pattern):
   _, model = _model(pattern)
   tokens = jax.random.randint(jax.random.key(2), (1, 20), 0, 256)
@@ -71,7 +72,7 @@ def test_packed_documents_do_not_leak_through_conv_or_state(pattern):
   np.testing.assert_allclose(packed[:, 7:], alone, atol=1e-4)
 
 
-@pytest.mark.parametrize("pattern,causal", [("M", True), ("P", True), ("M", False)])
+@pytest.mark.parametrize("pattern,causal", [("M", True), ("P", True), ("M", False), ("G", True), ("G", False)])
 def test_no_segment_ids_is_one_document_per_row(pattern, causal):
   # without segment ids the conv and the scan skip their document masks; the result must not change
   _, model = _model(pattern, causal=causal)
