@@ -60,9 +60,13 @@ import jax
 import jax.numpy as jnp
 from einops import einsum, rearrange
 
+from altbench.kernels import tuning
 from altbench.kernels.ssd import _document_ids, _segsum, _starts, scan_blocks
 
-IMPLS = ("auto", "reference", "xla")
+IMPLS = ("auto", "reference", "xla", "pallas")
+# impl="auto" leaves short calls (decode-like) to XLA: a Pallas launch would mostly pad one chunk.
+AUTO_PALLAS_MIN_LEN = 16
+AUTO_PALLAS_TARGETS = ("gpu", "tpu")
 
 # Working-set budget for one block of chunks on CPU: one float32 (chunk x chunk) matrix per batch element,
 # head and chunk of the block, as kernels/ssd.py's XLA path (sized for a 2 MiB per-core L2).
@@ -122,14 +126,27 @@ def gated_delta(q, k, v, g, beta, *, scale=None, initial_state=None, return_fina
   """
   _check_args(q, k, v, g, beta, scale, initial_state, seq_idx, chunk_size, impl)
   if impl == "auto":
-    impl = _auto_impl()
+    impl = _auto_impl(q.shape, v.shape, jnp.result_type(q.dtype, k.dtype, v.dtype))
+  if impl == "pallas":
+    from altbench.kernels import gated_delta_pallas  # imported here: gated_delta_pallas imports this module
+    return gated_delta_pallas.gated_delta_pallas(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                                 return_final_state=return_final_state, seq_idx=seq_idx,
+                                                 chunk_size=chunk_size)
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
   return _gated_delta(q, k, v, g, beta, initial_state, seq_idx, scale=scale, chunk_size=int(chunk_size),
                       return_final_state=return_final_state, impl=impl)
 
 
-def _auto_impl():
-  """What impl="auto" runs. Only "xla" exists so far; the Pallas kernels, when they come, are chosen here."""
+def _auto_impl(q_shape, v_shape, dtype):
+  """What impl="auto" runs: pallas on one GPU or TPU where supported and worth it, else xla (module docstring)."""
+  forced = tuning.forced_impl("ALTBENCH_GATED_DELTA_AUTO")
+  if forced:
+    return forced
+  from altbench.kernels import gated_delta_pallas
+  target = gated_delta_pallas.backend_target()
+  if (target in AUTO_PALLAS_TARGETS and jax.device_count() == 1 and q_shape[1] >= AUTO_PALLAS_MIN_LEN
+      and gated_delta_pallas.supported(q_shape, v_shape, dtype) and tuning.pallas_dtype_pays(target, dtype)):
+    return "pallas"
   return "xla"
 
 

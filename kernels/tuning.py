@@ -9,6 +9,7 @@ for that op on that device kind, e.g.
 Ops and their shape classes (every op keeps its hand-written defaults when no entry matches):
   flash_attention  d64 / d128 / d256 (head_dim class)       -> flash_attention.BlockSizes fields
   ssd_pallas       p<headdim class>n<dstate class>          -> ssd_pallas.BlockSizes fields (GPU kernels)
+  gated_delta_pallas k<dk class>v<dv class>                 -> gated_delta_pallas.BlockSizes fields (GPU kernels)
   attention_xla    d<head_dim class>                        -> {"causal_block": query block of the causal XLA path}
   ssd_xla          p<headdim class>n<dstate class>          -> {"cpu_block_bytes": working set of a block of chunks}
 
@@ -32,8 +33,8 @@ _cache = {}
 
 
 def forced_impl(variable):
-  """The impl an environment variable (ALTBENCH_ATTENTION_AUTO, ALTBENCH_SSD_AUTO) forces on impl="auto",
-  or "" where it is unset."""
+  """The impl an environment variable (ALTBENCH_ATTENTION_AUTO, ALTBENCH_SSD_AUTO,
+  ALTBENCH_GATED_DELTA_AUTO) forces on impl="auto", or "" where it is unset."""
   forced = os.environ.get(variable, "")
   if forced and forced not in ("xla", "pallas", "reference"):
     raise ValueError(f"{variable}={forced!r}: expected xla, pallas or reference")
@@ -65,6 +66,12 @@ def ssd_class(headdim, dstate):
   """The shape class of an SSD call (ssd_pallas and ssd_xla entries)."""
   classes = (16, 32, 64, 128, 256)
   return f"p{size_class(headdim, classes)}n{size_class(dstate, classes)}"
+
+
+def gated_delta_class(dk, dv):
+  """The shape class of a gated delta rule call (gated_delta_pallas entries)."""
+  classes = (16, 32, 64, 128, 256)
+  return f"k{size_class(dk, classes)}v{size_class(dv, classes)}"
 
 
 def key(op, kind, shape_class):

@@ -1,0 +1,147 @@
+"""The gated delta rule's TPU kernels: Pallas TPU (Mosaic), one forward and one backward kernel.
+
+Grid (batch, head, chunk) with the chunk axis "arbitrary" (sequential; the backward runs it in reverse
+through its index maps) and the (dk, dv) state, or its gradient, in VMEM scratch; batch and head
+"parallel". One program is one whole chunk of one head (kernels/gated_delta_chunk.py is its body), the
+whole dv. Layouts (b, h, Lp, d) so that blocks are (rows, lanes) tiles: the chunk length is a multiple of
+128 and dk, dv are zero-padded to multiples of 128 (the (8, 128) layout); per-position vectors come as
+(chunk, 1) columns and (1, chunk) rows, both prepared in XLA, so the kernels need no vector transposes.
+The one transposed matmul operand (a^T b) is transposed in float32 first, as kernels/ssd_pallas_tpu.py does.
+
+``fwd`` and ``bwd`` take and return the canonical (GPU) layouts of kernels/gated_delta_pallas_gpu.py, so
+kernels/gated_delta_pallas.py drives both modules alike.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from altbench.kernels.gated_delta_chunk import Chunk, chunk_bwd, chunk_fwd, make_mm
+from altbench.kernels.pallas_common import (dot, f32, named_operands, refs_by_name, tpu_interpret, tpu_params,
+                                            tpu_vmem)
+
+_VEC_NAMES = ("hi", "lo", "hi_r", "lo_r", "beta", "beta_r")
+_DOC_NAMES = ("doc", "doc_r", "ent")
+
+
+def _tn(a, b):
+  """a^T b with a transposed in float32 (then cast back to b's dtype) and a plain matmul."""
+  return dot(a.astype(f32).T.astype(b.dtype), b)
+
+
+def _chunk(rf):
+  get = lambda n: rf[n][...] if n in rf else None
+  return Chunk(q=get("q"), k=get("k"), v=get("v"), **{n: get(n) for n in _VEC_NAMES + _DOC_NAMES})
+
+
+def _call(kernel, c, grid, in_specs, out_specs, out_shape, name, args, scratch):
+  return pl.pallas_call(
+      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      scratch_shapes=list(scratch), compiler_params=tpu_params(("parallel", "parallel", "arbitrary")),
+      interpret=tpu_interpret(c.interpret), name=name)(*args)
+
+
+def _fwd_kernel(*refs, c, names):
+  rf = refs_by_name(refs, names)
+  ci = pl.program_id(2)
+
+  @pl.when(ci == 0)
+  def _():
+    rf["st"][...] = rf["s0"][...] if "s0" in rf else jnp.zeros(rf["st"].shape, f32)
+
+  state = rf["st"][...]
+  rf["s_in"][...] = state
+  o, state = chunk_fwd(_chunk(rf), state, make_mm(rf["q"].dtype, f32, _tn), c.scale)
+  rf["o"][...] = o.astype(rf["o"].dtype)
+  rf["st"][...] = state
+
+  @pl.when(ci == c.nc - 1)
+  def _():
+    rf["final"][...] = state
+
+
+def _bwd_kernel(*refs, c, names):
+  rf = refs_by_name(refs, names)
+  step = pl.program_id(2)
+
+  @pl.when(step == 0)
+  def _():
+    rf["dst"][...] = rf["dfinal"][...]
+
+  dq, dk, dv, dbeta, dg, ds = chunk_bwd(_chunk(rf), rf["s_in"][...], rf["do"][...], rf["dst"][...],
+                                        make_mm(rf["q"].dtype, f32, _tn), c.scale)
+  rf["dq"][...] = dq
+  rf["dk"][...] = dk
+  rf["dv"][...] = dv
+  rf["dbeta"][...] = dbeta
+  rf["dg"][...] = dg
+  rf["dst"][...] = ds
+
+  @pl.when(step == c.nc - 1)
+  def _():
+    rf["ds0"][...] = ds
+
+
+def _specs(c, dk, dv, reverse):
+  """BlockSpecs over grid (batch, head, step); step is the chunk, or the chunk counted from the end."""
+  C, nc = c.chunk, c.nc
+  ci = (lambda s: nc - 1 - s) if reverse else (lambda s: s)
+  tile = lambda w: pl.BlockSpec((None, None, C, w), lambda bi, hi, s: (bi, hi, ci(s), 0))
+  return dict(
+      qk=tile(dk), v=tile(dv), col=tile(1),
+      row=pl.BlockSpec((None, None, 1, C), lambda bi, hi, s: (bi, hi, 0, ci(s))),
+      doc_col=pl.BlockSpec((None, C, 1), lambda bi, hi, s: (bi, ci(s), 0)),
+      doc_row=pl.BlockSpec((None, 1, C), lambda bi, hi, s: (bi, 0, ci(s))),
+      state=pl.BlockSpec((None, None, dk, dv), lambda bi, hi, s: (bi, hi, 0, 0)),
+      s_in=pl.BlockSpec((None, None, None, dk, dv), lambda bi, hi, s: (bi, ci(s), hi, 0, 0)))
+
+
+def _inputs(sp, q, k, v, vec):
+  ops = [("q", sp["qk"], q), ("k", sp["qk"], k), ("v", sp["v"], v)]
+  ops += [(n, sp["row"] if n.endswith("_r") else sp["col"], vec[n]) for n in _VEC_NAMES]
+  ops += [(n, sp["doc_row"] if n == "doc_r" else sp["doc_col"], vec.get(n)) for n in _DOC_NAMES]
+  return ops
+
+
+def _heads(a):     # (b, Lp, h, w) <-> (b, h, Lp, w)
+  return jnp.swapaxes(a, 1, 2)
+
+
+def fwd(c, q, k, v, vec, s0):
+  b, lp, h, dk = q.shape
+  dv = v.shape[-1]
+  sp = _specs(c, dk, dv, reverse=False)
+  names, in_specs, args = named_operands(*_inputs(sp, _heads(q), _heads(k), _heads(v), vec),
+                                         ("s0", sp["state"], s0))
+  out_names, out_specs, out_shape = named_operands(
+      ("o", sp["v"], jax.ShapeDtypeStruct((b, h, lp, dv), v.dtype)),
+      ("final", sp["state"], jax.ShapeDtypeStruct((b, h, dk, dv), f32)),
+      ("s_in", sp["s_in"], jax.ShapeDtypeStruct((b, c.nc, h, dk, dv), f32)))
+  o, final, s_in = _call(functools.partial(_fwd_kernel, c=c, names=names + out_names + ["st"]), c,
+                         (b, h, c.nc), in_specs, out_specs, out_shape, "altbench_gated_delta_fwd_tpu", args,
+                         [tpu_vmem((dk, dv), f32)])
+  return _heads(o), final, s_in
+
+
+def bwd(c, q, k, v, vec, s_in, do, dfinal):
+  b, lp, h, dk = q.shape
+  dv = v.shape[-1]
+  sp = _specs(c, dk, dv, reverse=True)
+  names, in_specs, args = named_operands(
+      *_inputs(sp, _heads(q), _heads(k), _heads(v), vec), ("s_in", sp["s_in"], s_in), ("do", sp["v"], _heads(do)),
+      ("dfinal", sp["state"], dfinal))
+  out_names, out_specs, out_shape = named_operands(
+      ("dq", sp["qk"], jax.ShapeDtypeStruct((b, h, lp, dk), f32)),
+      ("dk", sp["qk"], jax.ShapeDtypeStruct((b, h, lp, dk), f32)),
+      ("dv", sp["v"], jax.ShapeDtypeStruct((b, h, lp, dv), f32)),
+      ("dbeta", sp["col"], jax.ShapeDtypeStruct((b, h, lp, 1), f32)),
+      ("dg", sp["row"], jax.ShapeDtypeStruct((b, h, 1, lp), f32)),
+      ("ds0", sp["state"], jax.ShapeDtypeStruct((b, h, dk, dv), f32)))
+  dq, dk_, dv_, dbeta, dg, ds0 = _call(
+      functools.partial(_bwd_kernel, c=c, names=names + out_names + ["dst"]), c, (b, h, c.nc), in_specs,
+      out_specs, out_shape, "altbench_gated_delta_bwd_tpu", args, [tpu_vmem((dk, dv), f32)])
+  return _heads(dq), _heads(dk_), _heads(dv_), dbeta.reshape(b, h, lp), dg.reshape(b, h, lp), ds0
