@@ -4,7 +4,8 @@ Groups (each its own budget and leaderboard section):
   pystdlib   held-out bits per byte on the stdlib's source, byte tokenizer unless said: transformer ("A" x n, the
              byte-level transformer, whose FLOPs per step x BASELINE_STEPS set the budget), bpe-transformer
              (cpu/gpu only: a BPE tokenizer is trained first), mamba2 (pure Mamba-2), hybrid (interleaved "MMAM"),
-             falcon (Falcon-H1-style parallel "P" blocks), all four at the transformer's parameters
+             falcon (Falcon-H1-style parallel "P" blocks), gdn (pure Gated DeltaNet) and gdn-hybrid (Qwen3-Next's
+             3:1 "GGGA"), all at the transformer's parameters
              (experiments/mamba.py); mdlm and bd3-4 diffusion (experiments/diffusion.py, bpb is the NELBO bound);
              megabyte-8, blt-space (SpaceByte-style space patches) and, cpu/gpu only, blt-entropy
              (experiments/bytes.py; its entropy model is the auxiliary entry entropy-lm, trained first and
@@ -132,6 +133,8 @@ def get_arena(variant=""):
       arena.Entry("mamba2", "pystdlib", "lm", _lm("mamba2", s), "pure Mamba-2, parameters matched"),
       arena.Entry("hybrid", "pystdlib", "lm", _lm("nemotron", s), "interleaved Mamba-2/attention 'MMAM...'"),
       arena.Entry("falcon", "pystdlib", "lm", _lm("falcon", s), "Falcon-H1-style parallel attention + SSM"),
+      arena.Entry("gdn", "pystdlib", "lm", _lm("gdn", s), "pure Gated DeltaNet, MLP width matched"),
+      arena.Entry("gdn-hybrid", "pystdlib", "lm", _lm("gdn-hybrid", s), "Qwen3-Next-style Gated DeltaNet 3:1 attention"),
       arena.Entry("mdlm", "pystdlib", "diffusion", _diffusion("mdlm", s), "masked diffusion, bpb is a bound"),
       arena.Entry("bd3-4", "pystdlib", "diffusion", _diffusion("bd3-4", s), "block diffusion, blocks of 4"),
       arena.Entry("megabyte-8", "pystdlib", "megabyte", _bytes("megabyte-8", s, bytes_scale), "fixed 8-byte patches"),

@@ -6,6 +6,10 @@ Variants (all ~ the transformer baseline's parameters; "smoke" suffix: a few CPU
   nemotron     interleaved hybrid "MMAMMMAM" (Nemotron-H-like: mostly Mamba-2, one attention layer in four)
   jamba        one attention layer per eight ("MMMAMMMM"), Jamba's 1:7 ratio
   falcon       Falcon-H1-style parallel blocks "PPPP": attention and Mamba-2 side by side, MLP width matched
+  gdn          pure Gated DeltaNet "GGGG" (each block with its MLP, as in flash-linear-attention's models), MLP
+               width matched
+  gdn-hybrid   Qwen3-Next's 3:1 "GGGA" (n layers, the last an attention block: "GA" at 2, "GGA" at 3), MLP
+               width matched
 Hybrids without MLPs match the parameters by their layer count, so they are deeper than the transformer.
 """
 
@@ -15,7 +19,7 @@ from altbench import archs
 from altbench.archs import lm
 from altbench.train.config import Config, DataConfig, TrainConfig, check_variant
 
-ARCHS = ("transformer", "mamba2", "nemotron", "jamba", "falcon")
+ARCHS = ("transformer", "mamba2", "nemotron", "jamba", "falcon", "gdn", "gdn-hybrid")
 
 
 def model_config(arch, d_model=256, n_heads=4, n_layers=4, **ssm):
@@ -24,8 +28,9 @@ def model_config(arch, d_model=256, n_heads=4, n_layers=4, **ssm):
   target = archs.param_count("lm", base)
   if arch == "transformer":
     return dataclasses.replace(base, vocab_size=0)
-  if arch == "falcon":  # parallel blocks keep their MLPs; the MLP width takes up the difference
-    cfg = archs.match_params("lm", dataclasses.replace(base, pattern="P" * n_layers), target)
+  with_mlp = {"falcon": "P" * n_layers, "gdn": "G" * n_layers, "gdn-hybrid": ("GGGA" * n_layers)[:n_layers - 1] + "A"}
+  if arch in with_mlp:  # blocks that keep their MLPs: the MLP width takes up the difference
+    cfg = archs.match_params("lm", dataclasses.replace(base, pattern=with_mlp[arch]), target)
   else:  # Mamba-2 blocks carry no MLP (as in mamba_ssm and Nemotron-H): the layer count matches the parameters
     unit = {"mamba2": "M", "nemotron": "MMAM", "jamba": "MMMAMMMM"}[arch]
     count = _count_by_pattern(dataclasses.replace(base, mlp=False))

@@ -1,8 +1,9 @@
-"""Multi-query associative recall (Zoology's MQAR): transformer, pure Mamba-2 and hybrids at equal parameters.
+"""Multi-query associative recall (Zoology's MQAR): transformer, pure Mamba-2, Gated DeltaNet and hybrids at
+equal parameters.
 
 Attention recalls exactly; a fixed-size SSM state must compress the pairs, so accuracy falls with the
 number of pairs for Mamba-2 and a few attention layers bring it back (the hybrids' selling point).
-Variants: transformer | mamba2 | nemotron | jamba | falcon, each with a "-smoke" suffix for CPU minutes;
+Variants: transformer | mamba2 | nemotron | jamba | falcon | gdn | gdn-hybrid, each with a "-smoke" suffix for CPU minutes;
 "" is the jamba hybrid. Read `eval_acc` in metrics.jsonl.
 """
 

@@ -1,8 +1,10 @@
-"""Decode cost per token against context length: pure Mamba-2 (constant state) vs the transformer (KV cache).
+"""Decode cost per token against context length: pure Mamba-2 and pure Gated DeltaNet (constant state) vs the
+transformer (KV cache).
 
 For each model and context C, prefills C tokens, then times single-token decode steps (one jit call each,
 median of repeats). Prints one JSON line per (model, context) and a summary line with the ratio
-time(largest C) / time(smallest C) per model: about 1 for Mamba-2 (target <= 1.2), growing for attention.
+time(largest C) / time(smallest C) per model: about 1 for Mamba-2 and Gated DeltaNet (target <= 1.2), growing
+for attention.
 Run: python experiments/bench/decode.py [--contexts 1024 8192] [--steps 32]
 """
 
@@ -18,7 +20,8 @@ from altbench.train.decode import time_decode
 
 def models(d_model):
   common = dict(vocab_size=262, d_model=d_model, n_heads=4)
-  return {"mamba2": lm.Config(pattern="M" * 7, mlp=False, **common), "transformer": lm.Config(pattern="AAAA", **common)}
+  return {"mamba2": lm.Config(pattern="M" * 7, mlp=False, **common), "gdn": lm.Config(pattern="GGGG", **common),
+          "transformer": lm.Config(pattern="AAAA", **common)}
 
 
 def main():
@@ -27,7 +30,8 @@ def main():
   parser.add_argument("--d-model", type=int, default=256)
   parser.add_argument("--steps", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--models", nargs="+", default=["mamba2", "transformer"], choices=["mamba2", "transformer"])
+  names = list(models(64))
+  parser.add_argument("--models", nargs="+", default=names, choices=names)
   args = parser.parse_args()
   device = f"{jax.devices()[0].device_kind} ({platform.processor() or platform.machine()})"
   summary = {"bench": "decode", "summary": True, "device": device}
