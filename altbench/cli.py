@@ -1,4 +1,5 @@
 """The `altbench` command: train | arena | eval RUN | sample RUN | probe RUN | report RUN... | convert-hf HF_DIR --out RUN
+| prepare SRC --out DIR
 
 Exit codes: 0 done, 2 bad config, data or run directory, 3 non-finite loss, 130 interrupted (resumable).
 """
@@ -97,6 +98,20 @@ def cmd_bench(args):
   runpy.run_path(path, run_name="__main__")
 
 
+def cmd_prepare(args):
+  from altbench.train import loop, shards
+  try:
+    m = shards.prepare(args.src, args.out, args.tokenizer, args.heldout_fraction, args.bpe_vocab_size,
+                       args.shard_tokens, args.text_field)
+  except KeyboardInterrupt:
+    raise loop.Interrupted(f"prepare interrupted; finished shards are kept, rerun the same command to resume "
+                           f"{args.out}") from None
+  for split, entry in m["splits"].items():
+    print(f"{split}: {entry['docs']} docs, {entry['tokens']} tokens in {len(entry['shards'])} shards of {m['dtype']}")
+  print(f"wrote {args.out}/manifest.json; train with --set data.dataset=tokens:{args.out} "
+        f"--set data.tokenizer={m['tokenizer']['kind']}")
+
+
 def cmd_report(args):
   from altbench.train import report
   print(report.report(args.runs, args.png))
@@ -166,6 +181,18 @@ def main(argv=None):
   p.add_argument("--n", type=int, default=None, help="eval examples to use (default: all of the run's)")
   p.set_defaults(func=cmd_probe)
 
+  p = sub.add_parser("prepare", help="tokenize a corpus into memory-mapped shards for data.dataset=tokens:DIR "
+                                     "(resumable: rerun the same command)")
+  p.add_argument("src", help="a UTF-8 file, a folder (recursively), a .jsonl / .parquet file, or pystdlib")
+  p.add_argument("--out", required=True, help="folder for the shards and manifest.json")
+  p.add_argument("--tokenizer", default="bytes", help="bytes, bpe (trained on the training split) or bpe:RUN "
+                                                      "(RUN/data/tokenizer.json of an earlier run)")
+  p.add_argument("--bpe-vocab-size", type=int, default=4096, help="plain bpe: the vocabulary to train")
+  p.add_argument("--heldout-fraction", type=float, default=0.02, help="as data.heldout_fraction")
+  p.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard file")
+  p.add_argument("--text-field", default="text", help="JSONL / Parquet: the field holding the text")
+  p.set_defaults(func=cmd_prepare)
+
   p = sub.add_parser("report", help="table of runs' final metrics and a plot against FLOPs")
   p.add_argument("runs", nargs="+")
   p.add_argument("--png", default="altbench_report.png", help="where to write the plot")
@@ -173,7 +200,7 @@ def main(argv=None):
 
   for name, p in sub.choices.items():
     p.add_argument("--cpu-devices", type=int, help="simulate this many CPU devices (jax_num_cpu_devices)")
-    if name != "report":  # every process of a multi-process run runs the same command
+    if name not in ("report", "prepare"):  # every process of a multi-process run runs the same command
       p.add_argument("--coordinator", help="multi-process: coordinator host:port (process 0's address)")
       p.add_argument("--num-processes", type=int, help="multi-process: number of processes")
       p.add_argument("--process-id", type=int, help="multi-process: this process's index, 0 writes the logs")

@@ -23,7 +23,8 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  dataset: str = "pystdlib"    # "pystdlib" (the stdlib's source), "text:PATH" (file or folder), or a task: "mqar"
+  dataset: str = "pystdlib"    # "pystdlib" (the stdlib's source), "text:PATH" (file or folder), "tokens:DIR"
+  #                              (shards of `altbench prepare`), or a task: "mqar"
   tokenizer: str = "bytes"     # "bytes" (256 byte ids + specials) or "bpe" (trained on the train split)
   bpe_vocab_size: int = 4096
   seq_len: int = 256
@@ -275,8 +276,19 @@ def validate(cfg):
   if d.tokenizer not in ("bytes", "bpe"):
     raise ConfigError(f"data.tokenizer={d.tokenizer!r}: valid: ['bpe', 'bytes']")
   from altbench.train.tasks import TASKS
-  if d.dataset != "pystdlib" and not d.dataset.startswith("text:") and d.dataset not in TASKS:
-    raise ConfigError(f"data.dataset={d.dataset!r}: valid: 'pystdlib', 'text:PATH' or a task {sorted(TASKS)}")
+  if d.dataset != "pystdlib" and not d.dataset.startswith(("text:", "tokens:")) and d.dataset not in TASKS:
+    raise ConfigError(f"data.dataset={d.dataset!r}: valid: 'pystdlib', 'text:PATH', 'tokens:DIR' or a task "
+                      f"{sorted(TASKS)}")
+  if d.dataset.startswith("tokens:"):
+    folder = d.dataset[len("tokens:"):]
+    if not os.path.isdir(folder):
+      raise ConfigError(f"data.dataset={d.dataset!r}: folder {folder!r} does not exist (make it with "
+                        "`altbench prepare SRC --out DIR`)")
+    if not os.path.exists(os.path.join(folder, "manifest.json")):
+      unfinished = os.path.exists(os.path.join(folder, "progress.json"))
+      raise ConfigError(f"data.dataset={d.dataset!r}: {os.path.join(folder, 'manifest.json')} does not exist ("
+                        + ("prepare did not finish: rerun it to resume)" if unfinished else "not a folder `altbench "
+                           "prepare` wrote)"))
   if d.dataset == "mqar" and d.seq_len < 4 * d.task_pairs:
     raise ConfigError(f"data.seq_len={d.seq_len}: {d.dataset} with data.task_pairs={d.task_pairs} needs at least "
                       f"{4 * d.task_pairs}")

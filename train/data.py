@@ -1,7 +1,8 @@
 """Corpora, tokenizers and batches. Batches are a pure function of (seed, step): resume needs no loader state.
 
 Datasets: `pystdlib` (the running Python's standard-library .py files, split into train and held-out by a
-fixed hash of each file's relative path) and `text:PATH` (a UTF-8 file or a folder of them). Documents are
+fixed hash of each file's relative path), `text:PATH` (a UTF-8 file or a folder of them) and `tokens:DIR`
+(shards `altbench prepare` wrote, memory-mapped: train/shards.py; the same streams and batches as in memory). Documents are
 joined into one token stream, each preceded by <eos> (which doubles as the beginning-of-document token);
 training windows are drawn at random offsets from that stream, so no batch carries padding, and
 `segment_ids` let attention stay inside a document. Eval scores a fixed prefix of the held-out bytes,
@@ -136,7 +137,7 @@ def load_documents(dataset, heldout_fraction):
       (heldout if _hash_fraction(rel) < heldout_fraction else train).append((rel, text))
     return train, heldout
   if not dataset.startswith("text:"):
-    raise DataError(f"data.dataset={dataset!r}: valid: 'pystdlib' or 'text:PATH'")
+    raise DataError(f"data.dataset={dataset!r}: valid: 'pystdlib', 'text:PATH' or 'tokens:DIR'")
   path = dataset[len("text:"):]
   if not os.path.exists(path):
     raise DataError(f"data.dataset={dataset!r}: path {path!r} does not exist")
@@ -192,13 +193,20 @@ def _make_batch(windows, tokenizer, pad_mask=None):
   }
 
 
-def train_batch(stream, tokenizer, seed, step, batch_size, seq_len):
-  """The batch of training step `step`: random windows of seq_len + 1 tokens, a pure function of (seed, step)."""
+def train_batch(stream, tokenizer, seed, step, batch_size, seq_len, rows=None):
+  """The batch of training step `step`: random windows of seq_len + 1 tokens, a pure function of (seed, step).
+
+  rows: the rows of the global batch this process reads (None: all); the others are left <eos>, never read.
+  """
   if len(stream) < seq_len + 2:
     raise DataError(f"the training split has {len(stream)} tokens, fewer than data.seq_len + 2 = {seq_len + 2}")
   rng = np.random.default_rng([seed, step])
   starts = rng.integers(0, len(stream) - seq_len - 1, size=batch_size)
-  return _make_batch(stream[starts[:, None] + np.arange(seq_len + 1)], tokenizer)
+  if rows is None:
+    return _make_batch(stream[starts[:, None] + np.arange(seq_len + 1)], tokenizer)
+  windows = np.full((batch_size, seq_len + 1), tokenizer.special["<eos>"], np.int32)
+  windows[rows] = stream[starts[rows, None] + np.arange(seq_len + 1)]
+  return _make_batch(windows, tokenizer)
 
 
 def eval_batches(stream, tokenizer, batch_size, seq_len):
@@ -220,13 +228,13 @@ def eval_batches(stream, tokenizer, batch_size, seq_len):
 class Corpus:
   """A text corpus: tokenizer, the training token stream and the scored held-out stream."""
   tokenizer: object
-  train: np.ndarray            # token stream of the training split
+  train: np.ndarray            # token stream of the training split (tokens:DIR: a shards.TokenStream over memmaps)
   eval: np.ndarray             # token stream of the scored held-out bytes
   eval_bytes: int
   stats: dict
 
-  def train_batch(self, seed, step, batch_size, seq_len):
-    return train_batch(self.train, self.tokenizer, seed, step, batch_size, seq_len)
+  def train_batch(self, seed, step, batch_size, seq_len, rows=None):
+    return train_batch(self.train, self.tokenizer, seed, step, batch_size, seq_len, rows)
 
   def eval_batches(self, batch_size, seq_len):
     return eval_batches(self.eval, self.tokenizer, batch_size, seq_len)
@@ -244,6 +252,9 @@ def load_corpus(data_cfg, workdir=None):
   from altbench.train import tasks
   if data_cfg.dataset in tasks.TASKS:
     return tasks.TaskCorpus(data_cfg)
+  if data_cfg.dataset.startswith("tokens:"):  # prepared shards (train/shards.py), memory-mapped
+    from altbench.train import shards
+    return shards.load_corpus(data_cfg, workdir)
   train_docs, heldout_docs = load_documents(data_cfg.dataset, data_cfg.heldout_fraction)
   texts = eval_text(heldout_docs, data_cfg.eval_bytes)
   if data_cfg.tokenizer == "bytes":

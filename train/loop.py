@@ -254,6 +254,7 @@ def train(cfg, workdir, log=print):
   step_fn = jax.jit(step.make_train_step(family, graphdef, tx, tcfg), donate_argnums=0,
                     out_shardings=(shardings, None))
   batch_sharding = mesh.batch_sharding(mesh_)
+  rows = mesh.process_rows(batch_sharding, tcfg.grad_accum, micro)  # each process reads its own rows only
   log_path = os.path.join(workdir, "metrics.jsonl")
   mlog = metrics.MetricsLog(log_path, start) if main else None
   prev_wall = (mlog.last.get("wall_s", 0.0) if mlog else 0.0)
@@ -288,7 +289,7 @@ def train(cfg, workdir, log=print):
              disable=not main, dynamic_ncols=True, mininterval=1.0)
   try:
     for s in range(start, tcfg.steps):
-      batch = corpus.train_batch(tcfg.seed, s, tcfg.batch_size, seq_len)
+      batch = corpus.train_batch(tcfg.seed, s, tcfg.batch_size, seq_len, rows=rows)
       batch = {k: v.reshape(tcfg.grad_accum, micro, *v.shape[1:]) for k, v in batch.items()}
       rng = jax.random.fold_in(jax.random.key(tcfg.seed), s)
       state, out = step_fn(state, mesh.put_batch(batch, batch_sharding), rng)

@@ -51,3 +51,14 @@ def put_batch(batch, sharding):
   def put(x):
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
   return {k: put(np.asarray(v)) for k, v in batch.items()}
+
+
+def process_rows(sharding, grad_accum, micro):
+  """Rows of the global batch (grad_accum * micro, reshaped to (grad_accum, micro)) that this process's devices
+  hold, the only ones put_batch reads; None when it holds them all (one process)."""
+  mine = set()
+  for index in sharding.addressable_devices_indices_map((grad_accum, micro, 1)).values():
+    mine.update(range(*index[1].indices(micro)))
+  if len(mine) == micro:
+    return None
+  return np.array([a * micro + m for a in range(grad_accum) for m in sorted(mine)])

@@ -488,7 +488,7 @@ class ReasoningCorpus:
   def eval_examples(self):
     return list(self._eval)
 
-  def train_batch(self, seed, step, batch_size, seq_len):
+  def train_batch(self, seed, step, batch_size, seq_len, rows=None):  # rows: generated batches are cheap, all are made
     return encode_rows(self.train_examples(seed, step, batch_size), self.layout, seq_len, self.stage(step))
 
   def eval_batches(self, batch_size, seq_len):

@@ -58,7 +58,7 @@ class TaskCorpus:
     return {"inputs": inputs, "targets": targets, "segment_ids": (inputs != pad).astype(np.int32),
             "loss_mask": loss_mask, "nbytes": loss_mask}
 
-  def train_batch(self, seed, step, batch_size, seq_len):
+  def train_batch(self, seed, step, batch_size, seq_len, rows=None):  # rows: generated batches are cheap, all are made
     return self._batch([np.random.default_rng([seed, step, row]) for row in range(batch_size)], seq_len)
 
   def eval_batches(self, batch_size, seq_len):
