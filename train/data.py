@@ -202,10 +202,11 @@ def train_batch(stream, tokenizer, seed, step, batch_size, seq_len, rows=None):
     raise DataError(f"the training split has {len(stream)} tokens, fewer than data.seq_len + 2 = {seq_len + 2}")
   rng = np.random.default_rng([seed, step])
   starts = rng.integers(0, len(stream) - seq_len - 1, size=batch_size)
+  take = getattr(stream, "windows", lambda s, n: stream[s[:, None] + np.arange(n)])  # shards.TokenStream: memmaps
   if rows is None:
-    return _make_batch(stream[starts[:, None] + np.arange(seq_len + 1)], tokenizer)
+    return _make_batch(take(starts, seq_len + 1), tokenizer)
   windows = np.full((batch_size, seq_len + 1), tokenizer.special["<eos>"], np.int32)
-  windows[rows] = stream[starts[rows, None] + np.arange(seq_len + 1)]
+  windows[rows] = take(starts[rows], seq_len + 1)
   return _make_batch(windows, tokenizer)
 
 

@@ -363,12 +363,13 @@ def _remove_unfinished(out, state):
 class TokenStream:
   """A split's token stream over its memory-mapped shards, indexed like a 1-D int32 array without loading it.
 
-  Integer-array indexing gathers only the indexed tokens (the pages of the windows a batch needs); `tokens_read`
-  counts them (tests check the mechanism with it).
+  `windows` (what `data.train_batch` asks for) and indexing copy only the tokens asked for, so only the pages of
+  a batch's windows are read; `tokens_read` counts them (tests check the mechanism with it).
   """
 
   def __init__(self, paths, lengths, shard_tokens, dtype):
     self.shards = [np.memmap(p, dtype, "r", shape=(n,)) for p, n in zip(paths, lengths)]
+    self._views = [s.view(np.ndarray) for s in self.shards]  # the same mapped pages, without memmap's overhead
     self.shard_tokens, self.dtype = shard_tokens, np.dtype(np.int32)
     self.shape = (int(sum(lengths)),)
     self.tokens_read = 0
@@ -376,9 +377,26 @@ class TokenStream:
   def __len__(self):
     return self.shape[0]
 
+  def windows(self, starts, length):
+    """(len(starts), length) int32: tokens start .. start + length - 1 of each start, copied slice by slice."""
+    out = np.empty((len(starts), length), np.int32)
+    for row, start in enumerate(np.asarray(starts, np.int64).tolist()):
+      if start < 0 or start + length > len(self):
+        raise IndexError(f"window {start}..{start + length} out of range for a stream of {len(self)} tokens")
+      done = 0
+      while done < length:  # a window crossing shard boundaries takes a slice of each
+        k, offset = divmod(start + done, self.shard_tokens)
+        take = min(length - done, self.shard_tokens - offset)
+        out[row, done:done + take] = self._views[k][offset:offset + take]
+        done += take
+    self.tokens_read += out.size
+    return out
+
   def __getitem__(self, index):
     if isinstance(index, slice):
       start, stop, step = index.indices(len(self))
+      if step == 1:
+        return self.windows([start], max(stop - start, 0))[0]
       return self[np.arange(start, stop, step)]
     flat = np.asarray(index, np.int64)
     scalar = flat.ndim == 0
@@ -390,7 +408,7 @@ class TokenStream:
     shard, offset = np.divmod(flat, self.shard_tokens)
     for k in np.unique(shard):
       sel = shard == k
-      out[sel] = self.shards[k][offset[sel]]
+      out[sel] = self._views[k][offset[sel]]
     self.tokens_read += flat.size
     return out[0] if scalar else out.reshape(np.shape(index))
 
