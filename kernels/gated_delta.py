@@ -35,7 +35,16 @@ picks the algorithm:
   a time (a scan over cache-sized, rematerialised blocks of chunks, as kernels/ssd.py does), so that time
   stays linear in the length too. A length that is not a multiple of ``chunk_size`` is padded with
   g = 0, beta = 0, q = k = v = 0: identity steps, which change neither the outputs nor the final state.
-* ``"auto"``: ``"xla"``. (Pallas kernels are to come; ``_auto_impl`` is where they will be chosen.)
+* ``"pallas"``: the chunked algorithm as Pallas kernels with a hand-written backward
+  (kernels/gated_delta_pallas*.py, the chunk body in kernels/gated_delta_chunk.py): Triton on GPU, Mosaic on
+  TPU; one sequential kernel per direction and (batch, head) carrying the state on chip. On a CPU backend
+  they run in Pallas interpret mode (for tests; slow). Matmul operands stay in the input dtype (bf16 in,
+  float32 accumulation), so for bf16 inputs it is not bit-for-bit the float32 math of the other paths.
+* ``"auto"``: ``"pallas"`` on a single GPU or TPU when ``gated_delta_pallas.supported`` accepts the call
+  (dk, dv <= 256; float32 / bf16 / fp16), the sequence is at least ``AUTO_PALLAS_MIN_LEN`` long and, on GPU,
+  the inputs are 16-bit (``tuning.pallas_dtype_pays``); otherwise ``"xla"``; always ``"xla"`` on CPU. (Not
+  yet measured on a GPU or TPU: experiments/bench/gated_delta.py --pallas has the comparison.) The
+  environment variable ALTBENCH_GATED_DELTA_AUTO=xla (or =pallas, =reference) overrides the choice.
 
 Packed documents (``seq_idx``) follow kernels/ssd.py: the state is reset to zero wherever ``seq_idx``
 changes between consecutive positions, ``initial_state`` seeds only the leading document (the positions
@@ -48,8 +57,9 @@ exponent <= 0 (decays are differences taken as masked sums over (j, i], never as
 running sums, which would cancel under strong decays). This is not checked (the values may be traced); with
 g > 0 both paths compute the same growing recurrence until an ``exp`` overflows.
 
-All arithmetic is float32 whatever the input dtype; ``o`` is returned in q's dtype and the final state in
-float32. Gradients come from autodiff through both paths.
+All arithmetic of the reference and xla paths is float32 whatever the input dtype; ``o`` is returned in q's
+dtype and the final state in float32. Gradients come from autodiff through those two paths, from the
+kernels' custom_vjp for "pallas".
 """
 
 import functools
@@ -118,7 +128,7 @@ def gated_delta(q, k, v, g, beta, *, scale=None, initial_state=None, return_fina
     return_final_state: also return the state after the last position.
     seq_idx: optional (batch, seqlen) int document ids; the state is reset to zero where it changes.
     chunk_size: chunk length of the chunked algorithm (any seqlen is fine).
-    impl: "auto", "reference" or "xla" (see the module docstring).
+    impl: "auto", "reference", "xla" or "pallas" (see the module docstring).
 
   Returns:
     o (batch, seqlen, nheads, dv) in q's dtype, or (o, final_state) with final_state
