@@ -15,6 +15,16 @@ TIMING = ("wall_s", "energy_j", "energy_kwh", "energy_trace_j", "decode_tokens_p
           "device_peak_bytes")
 
 
+def energy_axis_label(rows):
+  """The energy plot's axis label; an estimate (stated power x wall time, which says nothing wall time does
+  not) is named as such on the plot's face."""
+  n_est = sum(not r.get("energy_source", "").startswith("measured") for r in rows)
+  if not n_est:
+    return "energy (kWh), measured"
+  which = "every entry" if n_est == len(rows) else f"{n_est} of {len(rows)} entries"
+  return f"energy (kWh), ESTIMATED as stated power x wall time for {which}"
+
+
 def _key(metric):
   if metric == "bpb":
     return lambda r: r.get("eval_bpb", float("inf"))
@@ -110,8 +120,7 @@ def plot(board, workdir):
     written.append(name)
 
   if bpb:
-    for x_key, name, xlabel in (("flops", "bpb_vs_flops.png", "training FLOPs"),
-                                ("energy_j", "bpb_vs_kwh.png", "energy (kWh)")):
+    for x_key, name, xlabel in (("flops", "bpb_vs_flops.png", "training FLOPs"), ("energy_j", "bpb_vs_kwh.png", "")):
       fig, ax = plt.subplots(figsize=(7, 4.5))
       for g, r in bpb:
         lines = [l for l in metrics.read_jsonl(os.path.join(workdir, r["name"], "metrics.jsonl")) if "eval_bpb" in l]
@@ -119,7 +128,7 @@ def plot(board, workdir):
         ax.plot([l[x_key] * scale for l in lines], [l["eval_bpb"] for l in lines], marker="o",
                 linestyle="--" if r.get("bound") else "-", label=r["name"] + (" (bound)" if r.get("bound") else ""))
       ax.set_xscale("log")
-      ax.set_xlabel(xlabel)
+      ax.set_xlabel(energy_axis_label([r for _, r in bpb]) if x_key == "energy_j" else xlabel)
       ax.set_ylabel("held-out bits per byte")
       ax.grid(alpha=0.3)
       ax.legend(fontsize=7)

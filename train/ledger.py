@@ -81,7 +81,7 @@ def _nvml_power():
   try:
     import pynvml
     pynvml.nvmlInit()
-    handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+    handles = metrics.nvml_handles(pynvml)
     read = lambda: sum(pynvml.nvmlDeviceGetPowerUsage(h) for h in handles) / 1e3  # milliwatts
     read()
     return read

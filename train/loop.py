@@ -11,7 +11,6 @@ import math
 import os
 import platform
 import signal
-import sys
 import time
 
 import jax
@@ -263,10 +262,11 @@ def train(cfg, workdir, log=print):
   t0 = time.perf_counter()
   meter.start(0.0)
 
-  def ledger(s):
+  def ledger(s):  # every process calls it at the same steps: the energy is gathered over processes
     wall = time.perf_counter() - t0
     return {"step": s, "tokens": s * tokens_per_step, "flops": float(s) * tokens_per_step * flops_per_token,
-            "wall_s": prev_wall + wall, "energy_j": prev_energy + meter.joules(wall), "energy_source": meter.source}
+            "wall_s": prev_wall + wall, "energy_j": prev_energy + meter.total_joules(wall),
+            "energy_source": meter.source}
 
   stop = {"signal": None}
   multi = jax.process_count() > 1
@@ -306,8 +306,9 @@ def train(cfg, workdir, log=print):
         pending = None
       if at_eval:
         ev = evaluate(family, graphdef, state, corpus, cfg, mesh_)
+        row = ledger(done)
         if mlog:
-          mlog.write({**ledger(done), **ev})
+          mlog.write({**row, **ev})
         if main:
           bar.write(f"step {done}: " + " ".join(f"{k} {v:.4f}" for k, v in ev.items() if isinstance(v, float)))
       if at_ckpt or stop["signal"]:
@@ -319,8 +320,9 @@ def train(cfg, workdir, log=print):
     bar.close()
     ckpt.save(tcfg.steps, state)
     result = evaluate(family, graphdef, state, corpus, cfg, mesh_)
+    row = ledger(tcfg.steps)
     if mlog:
-      mlog.write({**ledger(tcfg.steps), **result, "final": True})
+      mlog.write({**row, **result, "final": True})
     if main:
       acc = f"; argmax accuracy {result['eval_acc']:.4f} on scored tokens" if "eval_acc" in result else ""
       log(f"altbench: held-out {result['eval_bpb']:.4f} bits per byte (loss {result['eval_loss']:.4f} nats/token "
@@ -345,5 +347,6 @@ def _log_train(pending, check, mlog, ledger, tcfg, bar):
   bar.update(s - bar.n)
   if s % tcfg.log_every == 0 or s == tcfg.steps:
     bar.set_postfix(loss=f"{host['loss']:.4f}", refresh=False)
+    row = ledger(s)
     if mlog:
-      mlog.write({**ledger(s), "loss": host["loss"], "lr": host["lr"], "grad_norm": host["grad_norm"]})
+      mlog.write({**row, "loss": host["loss"], "lr": host["lr"], "grad_norm": host["grad_norm"]})
