@@ -121,6 +121,7 @@ def test_every_entry_trains_to_the_budget(first_run):
       assert row["energy_kwh"] == pytest.approx(row["energy_j"] / 3.6e6) and row["step_memory_bytes"] > 0
   rec = board["groups"][1]["rows"][0]
   assert 0.0 <= rec["gen_acc"] <= 1.0 and rec["test_flops_per_answer"] > 0 and "eval_exact" in rec
+  assert rec["chance_acc"] == 0.5 and 0.0 <= rec["gen_valid"] <= 1.0  # reach: two candidates per question
   (r1, flops1, _), (r2, flops2, acc2) = rec["recurrence_sweep"]
   assert (r1, r2) == (1, 2) and flops1 < flops2 == rec["test_flops_per_answer"] and acc2 == rec["gen_acc"]
   for name in ("leaderboard.md", "leaderboard.json", "bpb_vs_flops.png", "bpb_vs_kwh.png",

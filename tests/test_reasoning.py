@@ -449,3 +449,20 @@ def test_lookup_rate_reads_the_predictions_at_the_cot_letters(monkeypatch):
     assert set(rates) == {1, 2, 3}
     for r in rates.values():
       assert r["exact"] == r["in_frontier"] == want and 0 < r["random_node"] < 1
+
+
+def test_reach_answers_are_read_against_guessing():
+  import numpy as np
+  from altbench.train import leaderboard
+  from altbench.train import reasoning_tasks as rt
+  examples = [rt.reach(np.random.default_rng(i), size=10, depth=2) for i in range(4)]
+  cands = [rt.answer_candidates(ex) for ex in examples]
+  assert all(len(c) == 2 and ex.answer in c for c, ex in zip(cands, examples))
+  wrong = [next(x for x in c if x != ex.answer) for c, ex in zip(cands, examples)]
+  assert rt.answer_summary(examples, wrong) == {"valid": 1.0, "chance": 0.5}
+  assert rt.answer_summary(examples, [None, "#", "zz", wrong[3]])["valid"] == 0.25
+  assert rt.answer_summary([rt.mult(np.random.default_rng(0))], ["12"]) == {"valid": 1.0, "chance": None}
+  row = dict(gen_acc=0.0625, gen_examples=32, chance_acc=0.5, gen_valid=0.0)
+  assert leaderboard.greedy_cell(row) == "0.062 (no valid answers)"
+  assert leaderboard.greedy_cell({**row, "gen_valid": 1.0, "gen_acc": 0.5625}) == "0.562 (at chance)"
+  assert leaderboard.greedy_cell({**row, "gen_valid": 1.0, "gen_acc": 0.9}) == "0.900"

@@ -195,8 +195,10 @@ def train_entry(arena, entry, group, cfg, run_dir, log=print):
   from altbench.train import reasoning_tasks as rt
   if cfg.data.dataset in rt.TASKS:
     n = min(arena.reasoning_examples, cfg.data.eval_examples)
-    row["gen_acc"] = rt.generated_accuracy(family, model, corpus, n)[0]
+    row["gen_acc"], answers = rt.generated_accuracy(family, model, corpus, n)
     row["gen_examples"] = n
+    summary = rt.answer_summary(corpus.eval_examples()[:n], answers)
+    row["gen_valid"], row["chance_acc"] = summary["valid"], summary["chance"]
     row["test_flops_per_answer"] = answer_flops(cfg, corpus, n)
     if cfg.family == "recurrent" and arena.recurrences:
       row["recurrence_sweep"] = [[r, answer_flops(cfg, corpus, n, iters=r),

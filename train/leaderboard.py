@@ -65,6 +65,20 @@ def _f(x, fmt):
   return "" if x is None else format(x, fmt)
 
 
+def greedy_cell(row):
+  """Greedy answer accuracy as the table shows it: "no valid answers" where none was one of the question's
+  candidates, "(at chance)" where it is within the 95% binomial interval of guessing (a bare 0.06 on a
+  two-candidate task, where guessing gives 0.5, reads as broken)."""
+  acc, n, chance = row.get("gen_acc"), row.get("gen_examples") or 0, row.get("chance_acc")
+  if acc is None:
+    return ""
+  if row.get("gen_valid") == 0:
+    return f"{acc:.3f} (no valid answers)"
+  if chance is not None and n and abs(acc - chance) <= 1.96 * (chance * (1 - chance) / n) ** 0.5:
+    return f"{acc:.3f} (at chance)"
+  return f"{acc:.3f}"
+
+
 def markdown(board):
   lines = [f"# Arena {board['arena']}", "",
            f"Device: {board['device']}; jax {board['versions']['jax']}, flax {board['versions']['flax']}. "
@@ -76,7 +90,8 @@ def markdown(board):
     budget = f"{g['budget_flops']:.3g} training FLOPs per entry" if g["budget_flops"] else "not budgeted"
     lines += ["", f"## {g['name']}: {budget}", ""] + ([g["about"], ""] if g["about"] else [])
     acc = g["metric"] == "accuracy"
-    score = ["answer acc (greedy)", "exact (teacher-forced)", "test FLOPs/answer"] if acc else ["bpb"]
+    score = ["answer acc (greedy)", "chance", "valid answers", "exact (teacher-forced)",
+             "test FLOPs/answer"] if acc else ["bpb"]
     head = ["#", "entry", "family", *score, "FLOPs", "x budget", "kWh", "J", "energy", "wall s", "decode tok/s",
             "XLA/analytic", "step MB", "params"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -85,7 +100,8 @@ def markdown(board):
         lines.append(f"| - | {r['name']} | {r['family']} | **{r['status']}**: {r['reason']} |" + " |" * (len(head) - 4))
         continue
       if acc:
-        cells = [_f(r.get("gen_acc"), ".3f"), _f(r.get("eval_exact"), ".3f"), _f(r.get("test_flops_per_answer"), ".3g")]
+        cells = [greedy_cell(r), _f(r.get("chance_acc"), ".2f"), _f(r.get("gen_valid"), ".3f"),
+                 _f(r.get("eval_exact"), ".3f"), _f(r.get("test_flops_per_answer"), ".3g")]
       else:
         bpb = f"{r['eval_bpb']:.4f}" + (f" ± {r['eval_bpb_se']:.4f}" if r.get("eval_bpb_se") else "")
         cells = [("<= " if r.get("bound") else "") + bpb]

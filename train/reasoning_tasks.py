@@ -536,6 +536,24 @@ def parse_answer(continuation):
   return bytes(out).decode("ascii", errors="replace")
 
 
+def answer_candidates(ex):
+  """The answers a question offers (reach: its two candidate nodes), or None where any answer may be right."""
+  if ex.task == "reach":
+    return tuple(ex.question.rsplit("?", 1)[1].split("/"))
+  return None
+
+
+def answer_summary(examples, answers):
+  """What greedy answers mean beside guessing: `valid` (the share of answers that are one of the question's
+  candidates, or any parsed answer where there are none) and `chance` (the accuracy of guessing uniformly among
+  the candidates; None where the task offers none)."""
+  cands = [answer_candidates(ex) for ex in examples]
+  valid = [a is not None and (c is None or a in c) for a, c in zip(answers, cands)]
+  n = max(len(examples), 1)
+  chance = None if any(c is None for c in cands) or not cands else sum(1 / len(c) for c in cands) / n
+  return {"valid": sum(valid) / n, "chance": chance}
+
+
 def generated_accuracy(family, model, corpus, n=None, batch_size=64, **generate_kw):
   """Greedy-decoding answer accuracy on the first n eval examples (the honest metric for CoT, whose
   teacher-forced exact match conditions on the gold steps). Returns (accuracy, list of generated answers)."""
