@@ -12,7 +12,7 @@ Groups (each its own budget and leaderboard section):
              outside the budget: the smoke variant skips it and shows space patching only).
   reach      graph reachability (experiments/reasoning.py): nocot, cot, coconut, recurrent (recurrent depth) at
              the CoT baseline's budget; scored by greedy-decoding answer accuracy.
-Variants: "smoke" (every entry tiny: about a minute each on a 2-core CPU, compilation included), "cpu" (22 minutes
+Variants: "smoke" (every entry tiny: 7-20 s each on a quiet 2-core CPU, compilation included), "cpu" (22 minutes
 on 2 quiet CPU cores, measured; the AR transformer is then well ahead of diffusion), "gpu" (one GPU: the budget
 of a GPT-2-small-shaped byte transformer, d 768 x 12 layers, 85M parameters, which GPT-2 small has besides its
 38M of 50k-token embeddings, for 4000 steps of 32 x 1024 bytes). "" is cpu. Steps per entry = budget / that entry's analytic FLOPs per step.
