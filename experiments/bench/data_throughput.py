@@ -4,9 +4,11 @@ The corpus is pystdlib repeated k times (a folder of k copies of the standard li
 copy under its own name so the hash split differs), k in --scales. For each k it runs `altbench prepare` (bytes
 tokenizer) once, then, each in a fresh subprocess, loads the corpus as `text:FOLDER` (in memory) and as
 `tokens:DIR` (memory-mapped) and serves --batches training batches of --batch x --seq-len, the loop's
-`corpus.train_batch`. One JSON line per (k, path): load seconds, tokens/s served, peak RSS (ru_maxrss, the file
-pages of the memmaps it touched included); then one line per k with tokens/s ratio = tokens / memory and the two
-peak RSS. Both paths serve the same batches (checked on the first one).
+`corpus.train_batch`. One JSON line per (k, path): load seconds, tokens/s served, peak RSS (ru_maxrss) and, at
+the end, resident memory split into anonymous (the process's own: what grows with an in-memory corpus) and file
+pages (the memmaps' pages the windows touched, with the kernel's fault-around: page cache, reclaimable); then one
+line per k with tokens/s ratio = tokens / memory and both paths' peak and anonymous RSS. Both paths serve the same
+batches (checked on the first one).
 
   altbench bench data_throughput [--scales 1,2,5,10] [--batches 200] [--out FILE]
 """
@@ -41,6 +43,16 @@ def make_corpus(folder, copies):
       os.symlink(os.path.join(root, rel), dst)
 
 
+def _rss_now():
+  """Resident memory now, split (Linux): anonymous (the process's own) and file pages (memmaps, reclaimable)."""
+  try:
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+  except OSError:
+    return {}
+  return {f"rss_{k[3:].lower()}_mb": round(int(status[k].split()[0]) / 1024, 1) for k in ("RssAnon", "RssFile")
+          if k in status}
+
+
 def serve(dataset, batches, batch_size, seq_len):
   """In this process: load the corpus, serve batches; a JSON dict of times, tokens/s and peak RSS."""
   import hashlib
@@ -57,7 +69,7 @@ def serve(dataset, batches, batch_size, seq_len):
   serve_s = time.perf_counter() - t0
   return {"load_s": round(load_s, 3), "tokens_per_s": round(batches * batch_size * seq_len / serve_s),
           "corpus_tokens": int(corpus.stats["train_tokens"]),
-          "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+          "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), **_rss_now(),
           "first_batch_sha256": hashlib.sha256(first["inputs"].tobytes()).hexdigest()[:16]}
 
 
@@ -109,6 +121,7 @@ def main():
       emit({"bench": "data_throughput", "scale": k, "corpus_tokens": rows["tokens"]["corpus_tokens"],
             "ratio": round(rows["tokens"]["tokens_per_s"] / rows["memory"]["tokens_per_s"], 3),
             "peak_rss_mb_memory": rows["memory"]["peak_rss_mb"], "peak_rss_mb_tokens": rows["tokens"]["peak_rss_mb"],
+            "rss_anon_mb_memory": rows["memory"].get("rss_anon_mb"), "rss_anon_mb_tokens": rows["tokens"].get("rss_anon_mb"),
             "same_batches": same})
   finally:
     if out:
