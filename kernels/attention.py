@@ -13,13 +13,29 @@ Implementations (``impl=``):
   slow). No dense ``mask`` (NotImplementedError). Tile sizes come from the tuning table
   (kernels/tuning.py, written by ``altbench bench kernels --tune``) for this device kind, else from the
   hand-set table ``_BLOCKS`` there, one entry per (backend, head_dim class 64/128/256).
-* ``"auto"``: ``"pallas"`` on a single GPU/TPU when it supports the call (no dense mask, head_dim
-  <= 256; on GPU 16-bit inputs, see ``tuning.pallas_dtype_pays``) and the query is at least
+* ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (cuDNN's fused flash
+  attention), where cuDNN takes the call: a CUDA GPU, 16-bit q/k/v of one dtype, head_dim a multiple
+  of 8 and <= 128 (<= 256 from Hopper, compute capability 9.0), no dense ``mask`` and no
+  ``segment_ids`` (jax's public API has no segment ids; a packed-document mask would have to go in as
+  a dense mask or bias). Anything else is a ValueError saying why (``cudnn_unsupported``).
+* ``"auto"``: on a GPU/TPU a fused kernel when it supports the call (no dense mask, head_dim <= 256; on
+  GPU 16-bit inputs, see ``tuning.pallas_dtype_pays``) and the query is at least
   ``AUTO_PALLAS_MIN_Q_LEN`` long (single-token decode steps are a matrix-vector product that a flash
-  tile would mostly pad), otherwise ``"xla"``; always ``"xla"`` on CPU. With more than one device it
-  stays ``"xla"``: GSPMD cannot partition a pallas_call (it would replicate q, k, v onto every device),
-  so sharded runs need the kernel wrapped in shard_map first.
+  tile would mostly pad), otherwise ``"xla"``; always ``"xla"`` on CPU. The fused kernel is
+  ``"pallas"``, except on a GPU whose tuning-table entry ``attention_gpu_impl`` for this head_dim class
+  says ``{"impl": "cudnn"}`` (written by ``altbench bench kernels --tune``, which times both) and
+  cuDNN takes the call. With several devices it needs a mesh in context (below); without one it stays
+  ``"xla"`` (GSPMD would replicate a bare pallas_call onto every device).
   The environment variable ALTBENCH_ATTENTION_AUTO=xla (or =pallas) overrides the choice.
+
+Under a mesh. With a multi-device mesh in context (``jax.set_mesh(mesh)`` around the trace; kernels read
+``jax.sharding.get_abstract_mesh()``), "pallas" and "cudnn" run inside ``jax.shard_map`` over the batch
+axes ("data", "fsdp"), each device on its slice of the batch with q, k, v, segment ids split as
+P(batch axes) and the output likewise (``pallas_common.shard_batch``). A batch axis whose size does not
+divide the batch (after the ones kept) is left out: its devices compute their slice redundantly, which is
+correct but not faster. Heads are not split over a tensor-parallel axis (the meshes here have none):
+devices along any non-batch axis get whole heads. Without a mesh, or on one device, the kernel is called
+directly.
 """
 
 import jax
@@ -27,9 +43,9 @@ import jax.numpy as jnp
 from einops import einsum, rearrange
 
 from altbench.kernels import flash_attention as _flash
-from altbench.kernels import tuning
+from altbench.kernels import pallas_common, tuning
 
-IMPLS = ("auto", "reference", "xla", "pallas")
+IMPLS = ("auto", "reference", "xla", "pallas", "cudnn")
 AUTO_PALLAS_MIN_Q_LEN = 16
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -133,26 +149,93 @@ def attention(q, k, v, *, causal, segment_ids=None, softmax_scale=None, mask=Non
   mask: optional boolean (T, S) or (b, T, S), True where a query may see a key, combined with the above
     (e.g. block diffusion's block-causal two-halves mask).
   impl: "reference" (plain f32 einsums), "xla" (jax.nn.dot_product_attention), "pallas" (flash
-    attention kernels; interpreted on CPU), "auto" (pallas on GPU/TPU where supported, else xla).
+    attention kernels; interpreted on CPU), "cudnn" (cuDNN's fused attention; GPU, 16-bit, no mask or
+    segment ids), "auto" (a fused kernel on GPU/TPU where supported, else xla; module docstring).
   """
   _check(q, k, v, causal, segment_ids, impl)
   scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
   if impl == "auto":
-    impl = _auto_impl(q.shape, k.shape, mask, q.dtype)
+    impl = _auto_impl(q.shape, k.shape, mask, q.dtype, segment_ids is not None)
   if impl == "reference":
     return _reference(q, k, v, causal, segment_ids, scale, mask)
+  if impl == "cudnn":
+    dtype = jnp.result_type(q, k, v)
+    reason = cudnn_unsupported(q.shape, k.shape, dtype, mask=mask, has_segment_ids=segment_ids is not None)
+    if reason:
+      raise ValueError(f"attention: impl='cudnn' cannot run this call: {reason}. Valid here: impl='pallas' "
+                       f"(flash kernels), 'xla', 'reference', or 'auto' (picks one)")
+    kernel = lambda q, k, v: jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
+                                                          scale=scale, is_causal=causal, implementation="cudnn")
+    return pallas_common.shard_batch(kernel, (q, k, v), (True,) * 3)
   if impl == "pallas":
-    return _flash.flash_attention(q, k, v, causal=causal, segment_ids=segment_ids, softmax_scale=scale,
-                                  mask=mask)
+    if mask is not None:  # before shard_map, so that the error names the call, not a per-device trace
+      return _flash.flash_attention(q, k, v, causal=causal, mask=mask)
+    q_ids, kv_ids = ((segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids))
+                     if segment_ids is not None else (None, None))
+
+    def kernel(q, k, v, q_ids, kv_ids):
+      ids = None if q_ids is None else (q_ids, kv_ids)
+      return _flash.flash_attention(q, k, v, causal=causal, segment_ids=ids, softmax_scale=scale)
+
+    return pallas_common.shard_batch(kernel, (q, k, v, q_ids, kv_ids), (True,) * 5)
   return _xla(q, k, v, causal, segment_ids, scale, mask)
 
 
-def _auto_impl(q_shape, k_shape, mask, dtype):
+CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def cudnn_max_head_dim(device=None):
+  """cuDNN's fused attention head_dim limit on this GPU: 256 from Hopper (compute capability 9.0), else 128."""
+  device = device or jax.devices()[0]
+  capability = getattr(device, "compute_capability", None)
+  if capability is None:
+    return 128
+  return 256 if tuple(int(x) for x in str(capability).split(".")[:2]) >= (9, 0) else 128
+
+
+def cudnn_unsupported(q_shape, k_shape, dtype, *, mask=None, has_segment_ids=False, backend=None,
+                      max_head_dim=None):
+  """Why impl="cudnn" cannot run this call ("" when it can): the limits of jax.nn.dot_product_attention's
+  cuDNN path as of jax 0.10, checked here so that the error names the call rather than a lowering."""
+  backend = backend or jax.default_backend()
+  if backend != "gpu":
+    return f"cuDNN attention needs a CUDA GPU, and the jax backend here is {backend!r}"
+  if jnp.dtype(dtype) not in CUDNN_DTYPES:
+    return f"dtype {jnp.dtype(dtype).name}: cuDNN attention takes bfloat16 or float16 q, k, v"
+  d, limit = q_shape[-1], max_head_dim or cudnn_max_head_dim()
+  if d % 8 or d > limit:
+    return f"head_dim {d}: cuDNN attention takes a multiple of 8 up to {limit} on this GPU"
+  if mask is not None:
+    return "a dense mask: not passed to cuDNN (it would materialise the (T, S) mask)"
+  if has_segment_ids:
+    return "segment_ids: jax.nn.dot_product_attention has no segment ids"
+  return ""
+
+
+def _auto_impl(q_shape, k_shape, mask, dtype, has_segment_ids=False, target=None):
+  """What impl="auto" runs (module docstring). target: "gpu" / "tpu" / None (CPU); default from the backend."""
   forced = tuning.forced_impl("ALTBENCH_ATTENTION_AUTO")
   if forced:
     return forced
-  target = _flash.backend_target()
-  if (target is not None and jax.device_count() == 1 and q_shape[1] >= AUTO_PALLAS_MIN_Q_LEN
-      and _flash.supported(q_shape, k_shape, mask=mask) and tuning.pallas_dtype_pays(target, dtype)):
-    return "pallas"
-  return "xla"
+  target = _flash.backend_target() if target is None else target
+  if (target is None or not pallas_common.sharded_ok() or q_shape[1] < AUTO_PALLAS_MIN_Q_LEN
+      or not _flash.supported(q_shape, k_shape, mask=mask) or not tuning.pallas_dtype_pays(target, dtype)):
+    return "xla"
+  if target == "gpu" and gpu_impl(q_shape[-1]) == "cudnn" and not cudnn_unsupported(
+      q_shape, k_shape, dtype, mask=mask, has_segment_ids=has_segment_ids, backend="gpu"):
+    return "cudnn"
+  return "pallas"
+
+
+GPU_IMPL_OP = "attention_gpu_impl"  # tuning-table op: {"impl": "cudnn" | "pallas"} per head_dim class
+
+
+def gpu_impl(head_dim):
+  """The fused attention kernel the tuning table picks for this GPU and head_dim class ("pallas" without an
+  entry)."""
+  tuned = tuning.lookup(GPU_IMPL_OP, f"d{_flash.head_dim_class(min(head_dim, _flash.MAX_HEAD_DIM))}")
+  impl = (tuned or {}).get("impl", "pallas")
+  if impl not in ("cudnn", "pallas"):
+    raise ValueError(f"tuning table {tuning.table_path()}: {GPU_IMPL_OP} entry {tuned}: impl must be "
+                     f"'cudnn' or 'pallas'")
+  return impl

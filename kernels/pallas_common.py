@@ -1,9 +1,10 @@
 """What the Pallas kernels share across ops (flash attention, SSD) and backends (Triton GPU, Mosaic TPU).
 
 The backend -> target rule, Pallas API-name compatibility across jax versions, integer index math
-that lowers simply on both backends, the one matmul every kernel uses, operands and refs by name, and
-the few tile functions that the GPU and TPU kernels of one op both apply (so that the two backends
-cannot drift apart in their masking, decay or gating math).
+that lowers simply on both backends, the one matmul every kernel uses, operands and refs by name, the
+few tile functions that the GPU and TPU kernels of one op both apply (so that the two backends
+cannot drift apart in their masking, decay or gating math), and ``shard_batch``, which runs a kernel
+per device under a multi-device mesh.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec
 
 TARGETS = ("gpu", "tpu")
 LANES, SUBLANES = 128, 8  # the TPU (8, 128) tile layout
@@ -177,3 +179,74 @@ def store_scan_output(rf, y):
     rf["u"][...] = y.astype(rf["u"].dtype)
     y = y * silu_and_grad(rf["z"][...].astype(f32))[0]
   rf["out"][...] = y.astype(rf["out"].dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Under a mesh: one kernel call per device, inside shard_map over the batch axes
+#
+# GSPMD cannot partition a pallas_call (it would gather q, k, v or x onto every device and run the
+# whole batch everywhere), so under a multi-device mesh the kernels run inside jax.shard_map, each
+# device on its slice of the batch. The mesh is the ambient one, jax.sharding.get_abstract_mesh(),
+# i.e. what `with jax.set_mesh(mesh):` (or jax.sharding.use_abstract_mesh, for export) put in
+# context around the trace; the caller that shards the batch sets it. Without one, or with one
+# device, the kernel is called directly.
+
+BATCH_AXES = ("data", "fsdp")  # the mesh axes that split the batch (train/mesh.py's axis names)
+
+
+def ambient_mesh():
+  """The mesh in context when it spans more than one device and none of its axes is manual, else None.
+
+  Inside a caller's shard_map (manual axes) the caller has already split the work: the kernel is called
+  directly on what it was given.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+    return None
+  return mesh
+
+
+def sharded_ok():
+  """Whether a Pallas kernel runs per device here: one device, or an ambient mesh to shard_map over. With
+  several devices and no mesh in context a bare pallas_call is left to GSPMD, which replicates it."""
+  return jax.device_count() == 1 or ambient_mesh() is not None
+
+
+def batch_axes(mesh, batch):
+  """The mesh axes that split a batch of `batch`: BATCH_AXES in the mesh's order, each kept only if the
+  product of the sizes kept so far and its own divides the batch. Devices along every other axis (a batch
+  axis that does not fit, any non-batch axis) hold their slice whole and compute it redundantly."""
+  axes, n = [], 1
+  for name in mesh.axis_names:
+    if name in BATCH_AXES and batch % (n * mesh.shape[name]) == 0:
+      axes.append(name)
+      n *= mesh.shape[name]
+  return tuple(axes)
+
+
+def shard_batch(kernel, args, batched):
+  """kernel(*args), run per device under the ambient mesh (see above) or directly without one.
+
+  args: arrays or None (an optional input not given); batched[i]: whether args[i] has the batch as its
+  leading axis (split over batch_axes) or is replicated (parameters such as A, D, dt_bias).
+  Every output of `kernel` must have the batch as its leading axis. Specs: in P(batch axes) or P(),
+  out P(batch axes). check_vma is off: a pallas_call's outputs carry no varying-axes type. Its transpose
+  then sums a replicated input's cotangent over the devices (psum) and splits an output cotangent over
+  the axes it is replicated on, which is the right gradient in both cases.
+  """
+  mesh = ambient_mesh()
+  if mesh is None:
+    return kernel(*args)
+  batch = next(a.shape[0] for a, b in zip(args, batched) if a is not None and b)
+  spec = PartitionSpec(batch_axes(mesh, batch) or None)
+  present = [i for i, a in enumerate(args) if a is not None]
+
+  def per_device(*xs):
+    full = [None] * len(args)
+    for i, x in zip(present, xs):
+      full[i] = x
+    return kernel(*full)
+
+  in_specs = tuple(spec if batched[i] else PartitionSpec() for i in present)
+  return jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=spec, check_vma=False)(
+      *[args[i] for i in present])

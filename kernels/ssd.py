@@ -23,14 +23,23 @@ weights and call sites port over unchanged. ``ssd`` is the single entry point;
   backend they run in Pallas interpret mode (for tests; slow). Matmul operands
   stay in the input dtype (bf16 in, float32 accumulation), so for bf16 inputs
   it is not bit-for-bit the float32 math of the other paths.
-* ``"auto"``: ``"pallas"`` on a single GPU or TPU when ``ssd_pallas.supported`` accepts the call,
+* ``"auto"``: ``"pallas"`` on a GPU or TPU when ``ssd_pallas.supported`` accepts the call,
   the sequence is at least ``AUTO_PALLAS_MIN_LEN`` long and, on GPU, the inputs are 16-bit
   (``tuning.pallas_dtype_pays``); otherwise ``"xla"``; always ``"xla"`` on CPU. Measured on an H100
   (jax 0.11.2, bf16): the kernels alone 2.0-2.3x faster than XLA fwd+bwd (b8 h32 p64 n128 at 4K and 8K;
   b1 h24 with seq_idx at 4K), a 124M hybrid's train step at b1 x 4K 1.77x faster (25.7 vs 45.6 ms).
   (An earlier reading, 7x slower end to end, came from the Mamba-2 block handing the scan float32
-  x, B, C.) With more than one device it stays ``"xla"``: GSPMD cannot partition a pallas_call.
+  x, B, C.) With several devices it needs a mesh in context (below); without one it stays ``"xla"``
+  (GSPMD cannot partition a pallas_call: it would replicate it onto every device).
   The environment variable ALTBENCH_SSD_AUTO=xla (or =pallas, =reference) overrides the choice.
+
+Under a mesh. With a multi-device mesh in context (``jax.set_mesh(mesh)`` around the trace; the kernels
+read ``jax.sharding.get_abstract_mesh()``), ``"pallas"`` runs inside ``jax.shard_map`` over the batch
+axes ("data", "fsdp") (``pallas_common.shard_batch``): x, dt, B, C, z, initial_states and seq_idx split
+as P(batch axes), A, D and dt_bias replicated (their gradients summed over devices), y and final_states
+split as P(batch axes). A batch axis whose size does not divide the batch (after the ones kept) is left
+out: its devices compute their slice redundantly, correct but not faster. Heads are not split over a
+tensor-parallel axis. Without a mesh, or on one device, the kernels are called directly.
 
 Packed documents (``seq_idx``). The state is reset to zero wherever ``seq_idx``
 changes between consecutive positions, so no information flows between
@@ -168,23 +177,30 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states
   if impl == "auto":
     impl = _auto_impl(x.shape, B.shape, x.dtype)
   if impl == "pallas":
-    from altbench.kernels import ssd_pallas  # imported here: ssd_pallas imports this module
-    return ssd_pallas.ssd_pallas(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
-                                 initial_states=initial_states, seq_idx=seq_idx, dt_softplus=dt_softplus,
-                                 dt_limit=dt_limit, return_final_states=return_final_states)
+    from altbench.kernels import pallas_common, ssd_pallas  # imported here: ssd_pallas imports this module
+
+    def kernel(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx):
+      return ssd_pallas.ssd_pallas(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
+                                   initial_states=initial_states, seq_idx=seq_idx, dt_softplus=dt_softplus,
+                                   dt_limit=dt_limit, return_final_states=return_final_states)
+
+    # Split over the batch: x, dt, B, C, z, initial_states, seq_idx; replicated: A, D, dt_bias.
+    batched = (True, True, False, True, True, False, True, False, True, True)
+    return pallas_common.shard_batch(kernel, (x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx), batched)
   return _ssd(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size=int(chunk_size),
               dt_softplus=dt_softplus, dt_limit=tuple(dt_limit), return_final_states=return_final_states,
               impl=impl)
 
 
 def _auto_impl(x_shape, B_shape, dtype):
-  """What impl="auto" runs: pallas on one GPU or TPU where supported and worth it, else xla (module docstring)."""
+  """What impl="auto" runs: pallas on a GPU or TPU (one, or several under a mesh in context) where supported
+  and worth it, else xla (module docstring)."""
   forced = tuning.forced_impl("ALTBENCH_SSD_AUTO")
   if forced:
     return forced
-  from altbench.kernels import ssd_pallas
+  from altbench.kernels import pallas_common, ssd_pallas
   target = ssd_pallas.backend_target()
-  if (target in AUTO_PALLAS_TARGETS and jax.device_count() == 1 and x_shape[1] >= AUTO_PALLAS_MIN_LEN
+  if (target in AUTO_PALLAS_TARGETS and pallas_common.sharded_ok() and x_shape[1] >= AUTO_PALLAS_MIN_LEN
       and ssd_pallas.supported(x_shape, B_shape, dtype) and tuning.pallas_dtype_pays(target, dtype)):
     return "pallas"
   return "xla"

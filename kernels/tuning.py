@@ -12,6 +12,8 @@ Ops and their shape classes (every op keeps its hand-written defaults when no en
   gated_delta_pallas k<dk class>v<dv class>                 -> gated_delta_pallas.BlockSizes fields (GPU kernels)
   attention_xla    d<head_dim class>                        -> {"causal_block": query block of the causal XLA path}
   ssd_xla          p<headdim class>n<dstate class>          -> {"cpu_block_bytes": working set of a block of chunks}
+  attention_gpu_impl d<head_dim class>                      -> {"impl": "cudnn" | "pallas"}: the fused attention
+                                                               impl="auto" runs on this GPU (default pallas)
 
 The table read is the file named by ALTBENCH_KERNEL_TABLE if set, else `tuned_blocks.json` next to this
 module (what the project ships). Lookups happen at trace time, so a changed table needs a new trace.

@@ -8,7 +8,9 @@ What it measures
     * "fwd":     jax.jit(attention)  (add or drop with --modes),
   for these implementations:
     * pallas:     kernels.attention(..., impl="pallas")         (ours, kernels/flash_attention*.py)
-    * cudnn:      jax.nn.dot_product_attention(..., implementation="cudnn", is_causal=True)
+    * cudnn:      kernels.attention(..., impl="cudnn"), i.e. jax.nn.dot_product_attention(...,
+                  implementation="cudnn", is_causal=True): what impl="auto" runs where the tuning table
+                  says cuDNN (`altbench bench kernels --tune` decides that per head_dim class)
     * jax_pallas: jax.experimental.pallas.ops.gpu.attention.mha (jax's own Triton kernels, default
                   block sizes; import guarded, skipped if absent or failing)
     * xla:        kernels.attention(..., impl="xla")            (materialises the (L, L) scores;
@@ -23,11 +25,11 @@ FLOPs (FlashAttention-2's convention, so numbers compare with published ones)
   on the convention.
 
 How to read it
-  One JSON line per (L, d, mode, impl): {"L", "d", "b", "h", "mode", "impl", "ms", "tflops",
+  One JSON line per (L, d, mode, impl): {"L", "d", "b", "h", "device_kind", "mode", "impl", "ms", "tflops",
   "max_abs_diff"} where max_abs_diff is the forward output's largest deviation from our pallas
   output (a sanity check, bf16 rounding level ~1e-2 expected), or {"impl", "skipped": reason}.
-  Then one line per (L, d, mode) with "ms_over_pallas": {impl: ms_impl / ms_pallas}, i.e. > 1 where
-  ours is faster.
+  Then one line per (L, d, mode) with "fastest" (the impl) and "ms_over_pallas": {impl: ms_impl /
+  ms_pallas}, i.e. > 1 where ours is faster.
 
   python experiments/bench/attention.py [--lengths 1024,2048 --dims 64,128 --modes fwd+bwd,fwd]
 
@@ -69,8 +71,7 @@ def make_ops(scale):
   """impl -> (b, L, h, d) causal attention function, or impl -> reason it is unavailable."""
   ops = {
       "pallas": lambda q, k, v: attention(q, k, v, causal=True, softmax_scale=scale, impl="pallas"),
-      "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
-                                                           implementation="cudnn"),
+      "cudnn": lambda q, k, v: attention(q, k, v, causal=True, softmax_scale=scale, impl="cudnn"),
       "xla": lambda q, k, v: attention(q, k, v, causal=True, softmax_scale=scale, impl="xla"),
   }
   try:
@@ -123,7 +124,7 @@ def main():
       rng = np.random.default_rng(0)
       q, k, v = (jnp.asarray(rng.standard_normal((b, length, h, d)), jnp.bfloat16) for _ in range(3))
       cot = jnp.asarray(rng.standard_normal((b, length, h, d)), jnp.float32)
-      base = {"L": length, "d": d, "b": b, "h": h}
+      base = {"L": length, "d": d, "b": b, "h": h, "device_kind": str(jax.devices()[0].device_kind)}
       ref_out = None
       for mode in modes:
         ms = {}
@@ -152,7 +153,7 @@ def main():
           emit({**line, "ms": round(t, 3), "tflops": round(flops(b, h, length, d, True, mode) / t / 1e9, 2),
                 "max_abs_diff": diff})
         if "pallas" in ms:
-          emit({**base, "mode": mode,
+          emit({**base, "mode": mode, "fastest": min(ms, key=ms.get),
                 "ms_over_pallas": {i: round(t / ms["pallas"], 3) for i, t in ms.items() if i != "pallas"}})
 
 

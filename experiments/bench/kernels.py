@@ -7,10 +7,13 @@ Ops by backend (each measured as jax.jit(jax.grad) of sum(op(...) * fixed cotang
 backward, through the public op so exactly what training runs is timed):
   gpu / tpu  flash_attention (kernels.attention impl="pallas", bf16, causal) and ssd_pallas (kernels.ssd
              impl="pallas", bf16; GPU tiles only: the TPU kernels take whole chunks);
+  gpu        attention_gpu_impl: kernels.attention impl="auto" (bf16, causal, d 64 and 128) with the entry
+             {"impl": "pallas"} (the flash kernels) and {"impl": "cudnn"} (cuDNN's fused attention): which
+             of the two impl="auto" runs on this GPU; measured after flash_attention, with its blocks;
   cpu        attention_xla (the causal XLA path's query block) and ssd_xla (the CPU working-set size that
              sets how many chunks the XLA SSD runs per block).
-Each candidate is traced with a table holding only that candidate's entry (ALTBENCH_KERNEL_TABLE points at
-a temporary file), compiled, run once, then timed --reps times; the median is kept. The choice is the first
+Each candidate is traced with a copy of the table being tuned with that candidate's entry in place
+(ALTBENCH_KERNEL_TABLE points at a temporary file; with --tune the ops tuned before it count), compiled, run once, then timed --reps times; the median is kept. The choice is the first
 candidate in list order within --tolerance of the fastest median (deterministic under noise between
 near-equal candidates); a candidate that fails to compile or run is reported and never chosen.
 
@@ -21,6 +24,7 @@ Without --tune nothing is written. --table defaults to $ALTBENCH_KERNEL_TABLE or
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import statistics
@@ -34,6 +38,8 @@ import numpy as np
 
 from altbench import kernels
 from altbench.kernels import flash_attention, ssd_pallas, tuning
+
+attention = importlib.import_module("altbench.kernels.attention")  # the module; kernels.attention is the op
 
 FB = flash_attention.BlockSizes
 SB = ssd_pallas.BlockSizes
@@ -91,14 +97,18 @@ def cases(backend, quick):
     cands = [default] + [c for c in map(asdict, grid) if c != default]
     out.append(("ssd_pallas", tuning.ssd_class(64, 128),
                 lambda: _ssd_case(4, 4096, 32, 64, 128, 128, jnp.bfloat16, "pallas"), cands[:3] if quick else cands))
+    for d in (64, 128):  # after flash_attention: with --tune its chosen blocks are in the table by then
+      out.append((attention.GPU_IMPL_OP, f"d{d}",
+                  lambda d=d: _attention_case(4, 4096, 2048 // d, d, jnp.bfloat16, "auto"),
+                  [{"impl": "pallas"}, {"impl": "cudnn"}]))
   return out
 
 
-def measure(op, shape_class, make, params, reps, kind):
-  """Median ms of the grad fn traced with a table that holds only this candidate."""
+def measure(op, shape_class, make, params, reps, kind, table=None):
+  """Median ms of the grad fn traced with the entries of `table` (a dict) and this candidate's."""
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "table.json")
-    tuning.write_entries({tuning.key(op, kind, shape_class): params}, path)
+    tuning.write_entries({**(table or {}), tuning.key(op, kind, shape_class): params}, path)
     old = os.environ.get(tuning.TABLE_ENV)
     os.environ[tuning.TABLE_ENV] = path
     try:
@@ -141,7 +151,7 @@ def main(argv=None):
     for params in candidates:
       line = {"bench": "kernels", "op": op, "shape_class": shape_class, "device_kind": kind, "params": params}
       try:
-        ms = measure(op, shape_class, make, params, args.reps, kind)
+        ms = measure(op, shape_class, make, params, args.reps, kind, tuning.read_table(table))
         line["ms"] = round(ms, 3)
       except Exception as e:  # a candidate that does not fit this device is skipped, not fatal
         ms, line["error"] = None, f"{type(e).__name__}: {str(e)[:200]}"
