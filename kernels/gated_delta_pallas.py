@@ -122,7 +122,8 @@ class _Cfg:
 def _vectors(c, g_BLH, beta_BLH, doc_BL):
   """Per-position float32 vectors of the kernels as columns (b, h, Lp, 1) and rows (b, h, 1, Lp):
   hi / lo (the compensated within-chunk cumsum of g), beta; doc ids and ent (1 where a position is in the
-  document of the state entering its chunk) as columns (b, Lp, 1) and, for doc, a row (b, 1, Lp)."""
+  document of the state entering its chunk) as columns (b, Lp, 1) and rows (b, 1, Lp). (Reshapes only: the
+  GPU kernels read both forms, the TPU kernels the rows.)"""
   b, lp, h = g_BLH.shape
   g_BHNC = jnp.swapaxes(g_BLH, 1, 2).reshape(b, h, c.nc, c.chunk)
   hi, lo = lax.associative_scan(_dd_add, (g_BHNC, jnp.zeros_like(g_BHNC)), axis=3)
@@ -136,7 +137,8 @@ def _vectors(c, g_BLH, beta_BLH, doc_BL):
     # document, which initial_state seeds).
     enter_BN = jnp.concatenate([doc_BNC[:, :1, 0], doc_BNC[:, :-1, -1]], axis=1)
     ent = (doc_BNC == enter_BN[:, :, None]).astype(f32)
-    vec.update(doc=doc_BL.reshape(b, lp, 1), doc_r=doc_BL.reshape(b, 1, lp), ent=ent.reshape(b, lp, 1))
+    vec.update(doc=doc_BL.reshape(b, lp, 1), doc_r=doc_BL.reshape(b, 1, lp), ent=ent.reshape(b, lp, 1),
+               ent_r=ent.reshape(b, 1, lp))
   return vec
 
 

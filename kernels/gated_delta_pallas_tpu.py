@@ -5,8 +5,10 @@ through its index maps) and the (dk, dv) state, or its gradient, in VMEM scratch
 "parallel". One program is one whole chunk of one head (kernels/gated_delta_chunk.py is its body), the
 whole dv. Layouts (b, h, Lp, d) so that blocks are (rows, lanes) tiles: the chunk length is a multiple of
 128 and dk, dv are zero-padded to multiples of 128 (the (8, 128) layout); per-position vectors come as
-(chunk, 1) columns and (1, chunk) rows, both prepared in XLA, so the kernels need no vector transposes.
-The one transposed matmul operand (a^T b) is transposed in float32 first, as kernels/ssd_pallas_tpu.py does.
+(1, chunk) lane rows (document ids as float32, exact for small integers), and the (chunk, 1) columns the
+chunk body also uses are made in the kernel by an aligned float32 transpose, as kernels/ssd_pallas_tpu.py
+does (no memory block has a last dim of 1). The one transposed matmul operand (a^T b) is transposed in
+float32 first, as there.
 
 ``fwd`` and ``bwd`` take and return the canonical (GPU) layouts of kernels/gated_delta_pallas_gpu.py, so
 kernels/gated_delta_pallas.py drives both modules alike.
@@ -21,11 +23,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from altbench.kernels.gated_delta_chunk import Chunk, chunk_bwd, chunk_fwd, make_mm
-from altbench.kernels.pallas_common import (dot, f32, named_operands, refs_by_name, tpu_interpret, tpu_params,
+from altbench.kernels.pallas_common import (LANES, dot, f32, named_operands, refs_by_name, tpu_interpret, tpu_params,
                                             tpu_vmem)
 
-_VEC_NAMES = ("hi", "lo", "hi_r", "lo_r", "beta", "beta_r")
-_DOC_NAMES = ("doc", "doc_r", "ent")
+_ROW_NAMES = ("hi_r", "lo_r", "beta_r", "doc_r", "ent_r")
 
 
 def _tn(a, b):
@@ -33,9 +34,24 @@ def _tn(a, b):
   return dot(a.astype(f32).T.astype(b.dtype), b)
 
 
+def _column(row):
+  """(1, C) float32 row -> (C, 1) column, by an aligned (LANES, C) transpose (no (C, 1) memory blocks)."""
+  return jnp.broadcast_to(row, (LANES, row.shape[-1])).T[:, :1]
+
+
+def _row(col):
+  """(C, 1) float32 column -> (1, C) row, the same way."""
+  return jnp.broadcast_to(col, (col.shape[0], LANES)).T[:1, :]
+
+
 def _chunk(rf):
-  get = lambda n: rf[n][...] if n in rf else None
-  return Chunk(q=get("q"), k=get("k"), v=get("v"), **{n: get(n) for n in _VEC_NAMES + _DOC_NAMES})
+  rows = {n[:-2]: rf[n][...].astype(f32) for n in _ROW_NAMES if n in rf}
+  cols = {n: _column(r) for n, r in rows.items() if n != "ent"}
+  docs = {}
+  if "doc" in rows:  # document ids are small integers: exact in float32
+    docs = dict(doc=cols["doc"], doc_r=rows["doc"], ent=_column(rows["ent"]))
+  return Chunk(q=rf["q"][...], k=rf["k"][...], v=rf["v"][...], beta=cols["beta"], beta_r=rows["beta"],
+               hi=cols["hi"], lo=cols["lo"], hi_r=rows["hi"], lo_r=rows["lo"], **docs)
 
 
 def _call(kernel, c, grid, in_specs, out_specs, out_shape, name, args, scratch):
@@ -77,7 +93,7 @@ def _bwd_kernel(*refs, c, names):
   rf["dq"][...] = dq
   rf["dk"][...] = dk
   rf["dv"][...] = dv
-  rf["dbeta"][...] = dbeta
+  rf["dbeta"][...] = _row(dbeta)
   rf["dg"][...] = dg
   rf["dst"][...] = ds
 
@@ -92,9 +108,8 @@ def _specs(c, dk, dv, reverse):
   ci = (lambda s: nc - 1 - s) if reverse else (lambda s: s)
   tile = lambda w: pl.BlockSpec((None, None, C, w), lambda bi, hi, s: (bi, hi, ci(s), 0))
   return dict(
-      qk=tile(dk), v=tile(dv), col=tile(1),
+      qk=tile(dk), v=tile(dv),
       row=pl.BlockSpec((None, None, 1, C), lambda bi, hi, s: (bi, hi, 0, ci(s))),
-      doc_col=pl.BlockSpec((None, C, 1), lambda bi, hi, s: (bi, ci(s), 0)),
       doc_row=pl.BlockSpec((None, 1, C), lambda bi, hi, s: (bi, 0, ci(s))),
       state=pl.BlockSpec((None, None, dk, dv), lambda bi, hi, s: (bi, hi, 0, 0)),
       s_in=pl.BlockSpec((None, None, None, dk, dv), lambda bi, hi, s: (bi, ci(s), hi, 0, 0)))
@@ -102,8 +117,7 @@ def _specs(c, dk, dv, reverse):
 
 def _inputs(sp, q, k, v, vec):
   ops = [("q", sp["qk"], q), ("k", sp["qk"], k), ("v", sp["v"], v)]
-  ops += [(n, sp["row"] if n.endswith("_r") else sp["col"], vec[n]) for n in _VEC_NAMES]
-  ops += [(n, sp["doc_row"] if n == "doc_r" else sp["doc_col"], vec.get(n)) for n in _DOC_NAMES]
+  ops += [(n, sp["doc_row"] if n in ("doc_r", "ent_r") else sp["row"], vec.get(n)) for n in _ROW_NAMES]
   return ops
 
 
@@ -138,7 +152,7 @@ def bwd(c, q, k, v, vec, s_in, do, dfinal):
       ("dq", sp["qk"], jax.ShapeDtypeStruct((b, h, lp, dk), f32)),
       ("dk", sp["qk"], jax.ShapeDtypeStruct((b, h, lp, dk), f32)),
       ("dv", sp["v"], jax.ShapeDtypeStruct((b, h, lp, dv), f32)),
-      ("dbeta", sp["col"], jax.ShapeDtypeStruct((b, h, lp, 1), f32)),
+      ("dbeta", sp["row"], jax.ShapeDtypeStruct((b, h, 1, lp), f32)),
       ("dg", sp["row"], jax.ShapeDtypeStruct((b, h, 1, lp), f32)),
       ("ds0", sp["state"], jax.ShapeDtypeStruct((b, h, dk, dv), f32)))
   dq, dk_, dv_, dbeta, dg, ds0 = _call(
