@@ -262,3 +262,16 @@ def test_no_nan_for_extreme_gates():
   o, final, grads = _grads(_pallas("gpu"), inputs, documents(1, 70, ((33,),)), 16)
   for name, value in [("o", o), ("final", final)] + list(grads.items()):
     assert bool(jnp.all(jnp.isfinite(value.astype(jnp.float32)))), f"non-finite {name}"
+
+
+def test_gpu_block_sizes_follow_the_tuned_table(tmp_path, monkeypatch):
+  # A gated_delta_pallas entry for this device kind and shape class sets the GPU launch parameters (clamped
+  # to the padded dv); another class keeps the hand default; the TPU kernels take no block sizes.
+  from altbench.kernels import tuning
+  monkeypatch.setenv(tuning.TABLE_ENV, str(tmp_path / "blocks.json"))
+  assert gp.default_block_sizes("gpu", 128, 128) == gp._GPU_DEFAULT
+  tuning.write_entries({tuning.key("gated_delta_pallas", tuning.device_kind(), "k128v128"):
+                        {"block_v": 128, "num_warps": 4, "num_stages": 2}})
+  assert gp.default_block_sizes("gpu", 128, 128) == gp.BlockSizes(128, 4, 2)
+  assert gp.default_block_sizes("gpu", 128, 64) == gp._GPU_DEFAULT                  # class k128v64
+  assert gp.default_block_sizes("gpu", 128, 32) == gp.BlockSizes(32, 8, 1)          # block_v clamped to dv

@@ -18,7 +18,16 @@ How to read it
   token-by-token lax.scan reference with the chunked path (ratio = reference / xla). The last line has
   "ratio": time at the longest L over time at the shortest (8K / 1K by default) for the XLA path.
 
-  python experiments/bench/gated_delta.py [--b 2 --h 4 --dk 64 --dv 64 --chunk 64]
+  Pallas vs XLA (--pallas, default on): forward + backward of impl="pallas" against impl="xla" on the same
+  bf16 inputs, timed interleaved, one line per length {"op": "gated_delta_pallas_vs_xla", "device_kind",
+  "target", "interpret", "L", "b", "h", "dk", "dv", "pallas_ms", "xla_ms", "ratio"} with ratio = xla / pallas
+  (> 1: the kernels are faster). On a GPU or TPU at --pallas-lengths (default 4K and 16K) and the layer
+  shape --pallas-shape (default b1 h16 dk = dv = 128); on CPU the kernels only run in Pallas interpret mode,
+  so one tiny case (L 128, b1 h2 dk = dv = 32) is run instead, labelled "interpret": true: it checks that the
+  path runs and says nothing about kernel speed.
+
+  python experiments/bench/gated_delta.py [--b 2 --h 4 --dk 64 --dv 64 --chunk 64] [--pallas off]
+  python experiments/bench/gated_delta.py --lengths 1024 --ref-lengths "" --pallas-shape 2,16,128,128
 """
 
 import argparse
@@ -30,7 +39,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from altbench.kernels import tuning
 from altbench.kernels.gated_delta import gated_delta
+from altbench.kernels.gated_delta_pallas import backend_target
 
 
 def time_interleaved(cases, repeats, budget_s):
@@ -82,6 +93,9 @@ def main():
   parser.add_argument("--ref-lengths", default="256,1024", help="lengths for the reference-vs-xla lines")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--budget-s", type=float, default=10.0, help="stop repeating a case after this long")
+  parser.add_argument("--pallas", choices=("on", "off"), default="on", help="the pallas-vs-xla lines")
+  parser.add_argument("--pallas-lengths", default="4096,16384", help="lengths of the pallas-vs-xla lines")
+  parser.add_argument("--pallas-shape", default="1,16,128,128", help="b,h,dk,dv of the pallas-vs-xla lines")
   args = parser.parse_args()
   lengths = [int(s) for s in args.lengths.split(",")]
   ref_lengths = [int(s) for s in args.ref_lengths.split(",") if s]
@@ -109,8 +123,34 @@ def main():
     emit({"op": "gated_delta_reference_vs_xla", "L": length, "reference_ms": round(t_ref, 3),
           "xla_ms": round(t_xla, 3), "ratio": round(t_ref / t_xla, 2)})
 
+  if args.pallas == "on":
+    pallas_vs_xla(args, rng, emit)
+
   lo, hi = min(lengths), max(lengths)
   emit({"ratio": {"gated_delta_xla": round(ms[hi] / ms[lo], 2)}, "L": [lo, hi], "target": "<= 9 (linear in L)"})
+
+
+def pallas_vs_xla(args, rng, emit):
+  """impl="pallas" against impl="xla", fwd + bwd on bf16 inputs (module docstring)."""
+  target = backend_target()
+  interpret = target is None
+  if interpret:  # CPU: a tiny interpret-mode case; it checks the path, not kernel speed
+    lengths, (b, h, dk, dv) = [128], (1, 2, 32, 32)
+  else:
+    lengths = [int(s) for s in args.pallas_lengths.split(",") if s]
+    b, h, dk, dv = (int(s) for s in args.pallas_shape.split(","))
+  pallas, xla = fwd_bwd("pallas", args.chunk), fwd_bwd("xla", args.chunk)
+  bf16 = lambda a: a.astype(jnp.bfloat16)
+  for length in lengths:
+    q, k, v, g, beta, cot = inputs(rng, b, length, h, dk, dv)
+    case_args = (bf16(q), bf16(k), bf16(v), g, beta, cot)
+    timed = time_interleaved({"pallas": (pallas, case_args), "xla": (xla, case_args)},
+                             1 if interpret else args.repeats, args.budget_s)
+    t_pallas, t_xla = timed["pallas"][0], timed["xla"][0]
+    emit({"op": "gated_delta_pallas_vs_xla", "device_kind": tuning.device_kind(), "target": target or "gpu",
+          "interpret": interpret, "L": length, "b": b, "h": h, "dk": dk, "dv": dv, "chunk": args.chunk,
+          "dtype": "bfloat16", "pallas_ms": round(t_pallas, 3), "xla_ms": round(t_xla, 3),
+          "ratio": round(t_xla / t_pallas, 3)})
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ Ops by backend (each measured as jax.jit(jax.grad) of sum(op(...) * fixed cotang
 backward, through the public op so exactly what training runs is timed):
   gpu / tpu  flash_attention (kernels.attention impl="pallas", bf16, causal) and ssd_pallas (kernels.ssd
              impl="pallas", bf16; GPU tiles only: the TPU kernels take whole chunks);
+  gpu        gated_delta_pallas (kernels.gated_delta impl="pallas", bf16, b2 x 4K, h16, dk = dv = 128):
+             dv tile per program and Triton warps / stages;
   gpu        attention_gpu_impl: kernels.attention impl="auto" (bf16, causal, d 64 and 128) with the entry
              {"impl": "pallas"} (the flash kernels) and {"impl": "cudnn"} (cuDNN's fused attention): which
              of the two impl="auto" runs on this GPU; measured after flash_attention, with its blocks;
@@ -37,12 +39,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from altbench import kernels
-from altbench.kernels import flash_attention, ssd_pallas, tuning
+from altbench.kernels import flash_attention, gated_delta_pallas, ssd_pallas, tuning
 
 attention = importlib.import_module("altbench.kernels.attention")  # the module; kernels.attention is the op
 
 FB = flash_attention.BlockSizes
 SB = ssd_pallas.BlockSizes
+GB = gated_delta_pallas.BlockSizes
 
 
 def _attention_case(b, length, h, d, dtype, impl):
@@ -65,6 +68,23 @@ def _ssd_case(b, length, h, p, n, chunk, dtype, impl):
     return jnp.sum(y.astype(jnp.float32) * ct)
 
   return jax.grad(loss, argnums=(0, 1, 2, 3)), (x, dt, B, C)
+
+
+def _gated_delta_case(b, length, h, dk, dv, chunk, dtype, impl):
+  rng = np.random.default_rng(0)
+  k = rng.standard_normal((b, length, h, dk))
+  k /= np.linalg.norm(k, axis=-1, keepdims=True)
+  q, k = jnp.asarray(rng.standard_normal((b, length, h, dk)), dtype), jnp.asarray(k, dtype)
+  v = jnp.asarray(rng.standard_normal((b, length, h, dv)), dtype)
+  g = jnp.asarray(-np.logaddexp(0.0, rng.standard_normal((b, length, h))), jnp.float32)
+  beta = jnp.asarray(1.0 / (1.0 + np.exp(-rng.standard_normal((b, length, h)))), jnp.float32)
+  ct = jnp.asarray(rng.standard_normal((b, length, h, dv)), jnp.float32)
+
+  def loss(q, k, v, g, beta):
+    o = kernels.gated_delta(q, k, v, g, beta, chunk_size=chunk, impl=impl)
+    return jnp.sum(o.astype(jnp.float32) * ct)
+
+  return jax.grad(loss, argnums=(0, 1, 2, 3, 4)), (q, k, v, g, beta)
 
 
 def cases(backend, quick):
@@ -97,6 +117,12 @@ def cases(backend, quick):
     cands = [default] + [c for c in map(asdict, grid) if c != default]
     out.append(("ssd_pallas", tuning.ssd_class(64, 128),
                 lambda: _ssd_case(4, 4096, 32, 64, 128, 128, jnp.bfloat16, "pallas"), cands[:3] if quick else cands))
+    default = asdict(GB())
+    grid = [GB(32, 4, 1), GB(32, 8, 1), GB(128, 8, 1), GB(64, 4, 1), GB(64, 8, 2), GB(16, 4, 1)]
+    cands = [default] + [c for c in map(asdict, grid) if c != default]
+    out.append(("gated_delta_pallas", tuning.gated_delta_class(128, 128),
+                lambda: _gated_delta_case(2, 4096, 16, 128, 128, 64, jnp.bfloat16, "pallas"),
+                cands[:3] if quick else cands))
     for d in (64, 128):  # after flash_attention: with --tune its chosen blocks are in the table by then
       out.append((attention.GPU_IMPL_OP, f"d{d}",
                   lambda d=d: _attention_case(4, 4096, 2048 // d, d, jnp.bfloat16, "auto"),
