@@ -275,3 +275,35 @@ def test_gpu_block_sizes_follow_the_tuned_table(tmp_path, monkeypatch):
   assert gp.default_block_sizes("gpu", 128, 128) == gp.BlockSizes(128, 4, 2)
   assert gp.default_block_sizes("gpu", 128, 64) == gp._GPU_DEFAULT                  # class k128v64
   assert gp.default_block_sizes("gpu", 128, 32) == gp.BlockSizes(32, 8, 1)          # block_v clamped to dv
+
+
+# ---- compiled kernels on a device (opt-in: -m gpu / -m tpu; not yet run: no device was available) -------
+
+_DEVICE_CASES = [  # (b, L, h, dk, dv, chunk, documents, dtype)
+    (2, 1024, 4, 128, 128, 64, False, jnp.bfloat16),
+    (2, 1000, 4, 128, 64, 64, True, jnp.bfloat16),
+    (1, 777, 2, 64, 128, 64, True, jnp.float32),
+    (1, 2048, 2, 256, 256, 64, True, jnp.bfloat16),
+]
+
+
+def _device_case(b, l, h, dk, dv, chunk, docs, dtype):
+  inputs = make_inputs(7, b=b, l=l, h=h, dk=dk, dv=dv, dtype=dtype)
+  seq_idx = jnp.asarray(np.arange(l)[None].repeat(b, 0) // 300, jnp.int32) if docs else None
+  args = [inputs[n] for n in ("q", "k", "v", "g", "beta")]
+  assert "pallas_call" in str(jax.make_jaxpr(lambda *a: gated_delta(*a, chunk_size=chunk, impl="pallas"))(*args))
+  _compare(jax.default_backend(), inputs, seq_idx, chunk, F32_RTOL if dtype == jnp.float32 else BF16_RTOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("case", _DEVICE_CASES)
+def test_gpu_compiled_matches_reference(case):
+  _device_case(*case)
+
+
+@pytest.mark.tpu
+@pytest.mark.skipif(jax.default_backend() != "tpu", reason="needs a TPU")
+@pytest.mark.parametrize("case", _DEVICE_CASES[:3])
+def test_tpu_compiled_matches_reference(case):
+  _device_case(*case)
