@@ -283,3 +283,41 @@ def test_prepare_killed_by_a_signal_resumes_to_identical_shards(tmp_path):
   assert not os.path.exists(os.path.join(out, "manifest.json")), "killed before it finished"
   subprocess.run(argv + ["--out", out], check=True, cwd=ROOT, capture_output=True)
   assert _tree_bytes(out) == _tree_bytes(str(tmp_path / "clean"))
+
+
+@pytest.mark.slow
+def test_training_on_tokens_matches_training_on_text(tmp_path):
+  """The loop end to end: the same losses and held-out bpb from `tokens:DIR` as from `text:` on the same file."""
+  from altbench.train import loop, metrics
+  from conftest import tiny_config
+  text_cfg = tiny_config(steps=4)
+  src = text_cfg.data.dataset[len("text:"):]
+  if text_cfg.data.dataset == "pystdlib":
+    pytest.skip("no tinyshakespeare")
+  out = str(tmp_path / "shards")
+  shards.prepare(src, out, shard_tokens=50_021, heldout_fraction=text_cfg.data.heldout_fraction, progress=False)
+  tokens_cfg = dataclasses.replace(text_cfg, data=dataclasses.replace(text_cfg.data, dataset=f"tokens:{out}"))
+  logs = []
+  for name, cfg in (("text", text_cfg), ("tokens", tokens_cfg)):
+    loop.train(cfg, str(tmp_path / name), log=lambda *a, **k: None)
+    rows = metrics.read_jsonl(str(tmp_path / name / "metrics.jsonl"))
+    logs.append([{k: v for k, v in r.items() if k in ("step", "loss", "eval_bpb", "eval_loss")} for r in rows])
+  assert logs[0] == logs[1] and any("eval_bpb" in r for r in logs[0])
+
+
+@pytest.mark.slow
+def test_two_processes_on_tokens_match_one_device_on_text(tmp_path):
+  """2 processes x 2 CPU devices, each filling only its own rows from the shards: the 1-device text: curve."""
+  from test_distributed import _assert_same_curve, _free_port, _launch, _wait
+  corpus = tmp_path / "tiny.txt"
+  rng = np.random.default_rng(0)
+  corpus.write_text("\n".join(" ".join(rng.choice(WORDS, size=int(rng.integers(3, 12)))) for _ in range(3000)))
+  out = str(tmp_path / "shards")
+  shards.prepare(str(corpus), out, shard_tokens=10_007, progress=False)
+  port, multi = _free_port(), tmp_path / "multi"
+  procs = [_launch(tmp_path / "ref", corpus)] + [
+      _launch(multi, corpus, "--cpu-devices", "2", "--set", "mesh.data=2", "--set", "mesh.fsdp=2", "--set",
+              f"data.dataset=tokens:{out}", "--coordinator", f"localhost:{port}", "--num-processes", "2",
+              "--process-id", str(i), log=f"{multi}.process{i}.log") for i in range(2)]
+  _wait(procs)
+  _assert_same_curve(multi, tmp_path / "ref")
