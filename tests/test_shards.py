@@ -256,10 +256,13 @@ def test_cli_prepare(tmp_path, capsys):
   assert f"train with --set data.dataset=tokens:{out} --set data.tokenizer=bytes" in text.out
   assert "prepare: 100.0%" in text.err
   digest = hashlib.sha256(open(os.path.join(out, "manifest.json"), "rb").read()).hexdigest()
-  assert cli.main(["prepare", src, "--out", out]) == 0  # already prepared: verified, unchanged
+  assert cli.main(["prepare", src, "--out", out, "--shard-tokens", "400"]) == 0  # done: verified, unchanged
   assert hashlib.sha256(open(os.path.join(out, "manifest.json"), "rb").read()).hexdigest() == digest
   assert cli.main(["prepare", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")]) == 2
   assert "does not exist" in capsys.readouterr().err
+  assert cli.main(["prepare", src, "--out", out, "--shard-tokens", "400", "--heldout-fraction", "0.5"]) == 2
+  assert "manifest.json: already prepared with other settings ({'heldout_fraction': (0.02, 0.5)}" in \
+      capsys.readouterr().err
 
 
 @pytest.mark.slow

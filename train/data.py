@@ -2,8 +2,8 @@
 
 Datasets: `pystdlib` (the running Python's standard-library .py files, split into train and held-out by a
 fixed hash of each file's relative path), `text:PATH` (a UTF-8 file or a folder of them) and `tokens:DIR`
-(shards `altbench prepare` wrote, memory-mapped: train/shards.py; the same streams and batches as in memory). Documents are
-joined into one token stream, each preceded by <eos> (which doubles as the beginning-of-document token);
+(shards `altbench prepare` wrote, memory-mapped: train/shards.py; the same streams and batches as in memory).
+Documents are joined into one token stream, each preceded by <eos> (which doubles as the beginning-of-document token);
 training windows are drawn at random offsets from that stream, so no batch carries padding, and
 `segment_ids` let attention stay inside a document. Eval scores a fixed prefix of the held-out bytes,
 the same bytes for every tokenizer, so bits per byte compare across families.

@@ -274,12 +274,17 @@ def prepare(src, out, tokenizer="bytes", heldout_fraction=0.02, bpe_vocab_size=4
     raise DataError(f"--shard-tokens={shard_tokens}: must be >= 1")
   if not 0 < heldout_fraction < 1:
     raise DataError(f"--heldout-fraction={heldout_fraction}: must be in (0, 1)")
-  if os.path.exists(os.path.join(out, "manifest.json")):  # done before: check it, change nothing
-    return verify(out)
-  os.makedirs(out, exist_ok=True)
   settings = {"format": FORMAT, "source": src if src == "pystdlib" else os.path.abspath(src),
               "tokenizer_spec": tokenizer, "heldout_fraction": heldout_fraction, "shard_tokens": shard_tokens,
               "text_field": text_field, "bpe_vocab_size": bpe_vocab_size if tokenizer == "bpe" else None}
+  if os.path.exists(os.path.join(out, "manifest.json")):  # done before: check it, change nothing
+    manifest = verify(out)
+    diff = {k: (manifest.get(k), v) for k, v in settings.items() if manifest.get(k) != v}
+    if diff:
+      raise DataError(f"{os.path.join(out, 'manifest.json')}: already prepared with other settings ({diff}: then, "
+                      "now); use another --out")
+    return manifest
+  os.makedirs(out, exist_ok=True)
   progress_path = os.path.join(out, "progress.json")
   state = {"settings": settings, "splits": {s: [] for s in SPLITS}}
   if os.path.exists(progress_path):
@@ -417,10 +422,12 @@ def read_manifest(folder):
   """The manifest of a prepared folder, checked for the fields and files the reader relies on."""
   path = os.path.join(folder, "manifest.json")
   if not os.path.isdir(folder):
-    raise DataError(f"tokens:{folder}: folder {folder!r} does not exist (make it with `altbench prepare SRC --out DIR`)")
+    raise DataError(f"tokens:{folder}: folder {folder!r} does not exist (make it with "
+                    "`altbench prepare SRC --out DIR`)")
   if not os.path.exists(path):
-    hint = ("prepare did not finish: rerun the same `altbench prepare` to resume"
-            if os.path.exists(os.path.join(folder, "progress.json")) else "make it with `altbench prepare SRC --out DIR`")
+    unfinished = os.path.exists(os.path.join(folder, "progress.json"))
+    hint = ("prepare did not finish: rerun the same `altbench prepare` to resume" if unfinished
+            else "make it with `altbench prepare SRC --out DIR`")
     raise DataError(f"tokens:{folder}: {path} does not exist ({hint})")
   try:
     with open(path) as f:

@@ -121,7 +121,8 @@ def main():
       emit({"bench": "data_throughput", "scale": k, "corpus_tokens": rows["tokens"]["corpus_tokens"],
             "ratio": round(rows["tokens"]["tokens_per_s"] / rows["memory"]["tokens_per_s"], 3),
             "peak_rss_mb_memory": rows["memory"]["peak_rss_mb"], "peak_rss_mb_tokens": rows["tokens"]["peak_rss_mb"],
-            "rss_anon_mb_memory": rows["memory"].get("rss_anon_mb"), "rss_anon_mb_tokens": rows["tokens"].get("rss_anon_mb"),
+            "rss_anon_mb_memory": rows["memory"].get("rss_anon_mb"),
+            "rss_anon_mb_tokens": rows["tokens"].get("rss_anon_mb"),
             "same_batches": same})
   finally:
     if out:
