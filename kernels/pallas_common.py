@@ -201,7 +201,7 @@ def ambient_mesh():
   directly on what it was given.
   """
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+  if mesh.empty or mesh.size == 1 or getattr(mesh, "manual_axes", ()):
     return None
   return mesh
 

@@ -128,7 +128,7 @@ def _ops_case(mesh):
   for name, fn, args in (("attention", att_loss, att_args), ("ssd", ssd_loss, ssd_args)):
     grad_fn = jax.value_and_grad(fn, argnums=tuple(range(len(args))))
     ref = jax.jit(grad_fn)(*args)
-    # The batch split over both axes, as training lays it out; shard_map reshards it to "data" alone.
+    # The batch split over "data" (fsdp cannot split 4 after data's 2), parameters replicated.
     put = lambda a: jax.device_put(a, NamedSharding(mesh, P(*([None] * a.ndim))) if a.shape[0] != b
                                    else NamedSharding(mesh, P("data")))
     with jax.set_mesh(mesh):
