@@ -76,6 +76,16 @@ def test_tokens_batches_equal_the_in_memory_path(tmp_path, source):
   _equal_corpora(data.load_corpus(big), data.load_corpus(dataclasses.replace(big, dataset=f"tokens:{out}")), 32)
 
 
+@pytest.mark.parametrize("n_files", [1, 3])
+def test_folders_too_small_for_a_hash_split_split_as_in_memory(tmp_path, n_files):
+  """load_documents holds out the last file when the hash split leaves a split empty (one file: in both)."""
+  src = _make_folder(tmp_path / "src", n=n_files)
+  out = str(tmp_path / "shards")
+  shards.prepare(src, out, shard_tokens=101, heldout_fraction=1e-6, progress=False)
+  cfg = DataConfig(dataset=f"text:{src}", seq_len=8, heldout_fraction=1e-6, eval_bytes=300)
+  _equal_corpora(data.load_corpus(cfg), data.load_corpus(dataclasses.replace(cfg, dataset=f"tokens:{out}")), 8)
+
+
 def test_bpe_from_a_run_and_trained_by_prepare(tmp_path):
   src = _make_folder(tmp_path / "src", n=30)
   run = tmp_path / "run"

@@ -83,7 +83,7 @@ def _texts(src, text_field):
 
 
 def source_bytes(src):
-  """The size of the source in bytes, for the progress line (None for pystdlib)."""
+  """The size of the source in bytes, for the progress line."""
   if src == "pystdlib":
     root = data.pystdlib_root()
     return sum(os.path.getsize(os.path.join(root, rel)) for rel in data.pystdlib_files())
@@ -270,6 +270,8 @@ def prepare(src, out, tokenizer="bytes", heldout_fraction=0.02, bpe_vocab_size=4
 
   `_stop_after_shards` (tests) raises KeyboardInterrupt once that many shards were written by this call.
   """
+  if src != "pystdlib" and not os.path.exists(src):
+    raise DataError(f"prepare: source {src!r} does not exist")
   if shard_tokens < 1:
     raise DataError(f"--shard-tokens={shard_tokens}: must be >= 1")
   if not 0 < heldout_fraction < 1:
