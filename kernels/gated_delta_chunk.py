@@ -1,5 +1,6 @@
-"""One chunk of the gated delta rule, forward and hand-derived backward, as plain array math: the body that
-both Pallas backends run (kernels/gated_delta_pallas_gpu.py once per loop step over chunks,
+"""One chunk of the gated delta rule, forward and hand-derived backward, as plain array math: the bodies that
+both Pallas backends run (``chunk_inverse`` in a parallel kernel over chunks; ``chunk_fwd`` / ``chunk_bwd``
+in the sequential kernels, kernels/gated_delta_pallas_gpu.py once per loop step over chunks,
 kernels/gated_delta_pallas_tpu.py once per grid step), and that the tests check against jax.vjp of its own
 forward in float64.
 
@@ -131,42 +132,47 @@ def unit_lower_inverse(A_t):
   return fori(0, c, body, jnp.zeros((c, c), A_t.dtype))
 
 
-def _parts(x, S, mm, scale):
-  """Everything the forward computes, kept for the backward."""
-  acc = x.hi.dtype
+def chunk_inverse(x, mm):
+  """T = (I + A)^-1 of one chunk (needs only k, beta and the decays of x): the one piece of the chunk that
+  does not depend on the state, computed for all chunks in parallel by its own kernel."""
   c = x.hi.shape[0]
   row, col = _iota(c)
-  zero = jnp.zeros((), acc)
-  G, G_t, e, l, gc = decays(x)
+  G_t = decays(x)[1]
+  A_t = jnp.where(row < col, mm(x.k, x.k, "nt") * G_t * x.beta_r, jnp.zeros((), x.hi.dtype))
+  return unit_lower_inverse(A_t)
+
+
+def _parts(x, S, T, mm, scale):
+  """Everything the forward computes, kept for the backward (T from chunk_inverse)."""
+  acc = x.hi.dtype
+  G, _, e, l, gc = decays(x)
   qs = x.q.astype(acc) * scale
   k, v = x.k.astype(acc), x.v.astype(acc)
   kk = mm(x.k, x.k, "nt")
-  A_t = jnp.where(row < col, kk * G_t * x.beta_r, zero)
-  T = unit_lower_inverse(A_t)
   bv, bk = x.beta * v, (x.beta * e) * k
   W = mm(T, bk)
   vn = mm(T, bv) - mm(W, S)
   qk = mm(qs, x.k, "nt")
-  return dict(G=G, e=e, l=l, gc=gc, qs=qs, k=k, v=v, kk=kk, T=T, bv=bv, bk=bk, W=W, vn=vn, qk=qk)
+  return dict(G=G, e=e, l=l, gc=gc, qs=qs, k=k, v=v, kk=kk, bv=bv, bk=bk, W=W, vn=vn, qk=qk)
 
 
-def chunk_fwd(x, S, mm, scale):
+def chunk_fwd(x, S, T, mm, scale):
   """(O (C, dv), S_end (dk, dv)) of one chunk entering with state S, in the accumulation dtype."""
-  p = _parts(x, S, mm, scale)
+  p = _parts(x, S, T, mm, scale)
   o = mm(p["e"] * p["qs"], S) + mm(p["qk"] * p["G"], p["vn"])
   s_end = p["gc"] * S + mm(p["l"] * p["k"], p["vn"], "tn")
   return o, s_end
 
 
-def chunk_bwd(x, S, do, ds_end, mm, scale):
+def chunk_bwd(x, S, T, do, ds_end, mm, scale):
   """Gradients of one chunk: (dq, dk, dv, dbeta (C, 1), dg (1, C), dS (the entering state's))."""
-  p = _parts(x, S, mm, scale)
+  p = _parts(x, S, T, mm, scale)
   acc = x.hi.dtype
   c = x.hi.shape[0]
   row, col = _iota(c)
   zero = jnp.zeros((), acc)
-  G, e, l, gc, qs, k, v, kk, T, W, vn, qk = (p[n] for n in ("G", "e", "l", "gc", "qs", "k", "v", "kk", "T",
-                                                               "W", "vn", "qk"))
+  G, e, l, gc, qs, k, v, kk, W, vn, qk = (p[n] for n in ("G", "e", "l", "gc", "qs", "k", "v", "kk", "W", "vn",
+                                                            "qk"))
   do = do.astype(acc)
   # O = diag(e) Qs S + (Qs K^T * G) V'
   D = mm(do, vn, "nt")

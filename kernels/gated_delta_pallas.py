@@ -6,26 +6,33 @@ chunked algorithm written as Pallas kernels, differentiable through one ``jax.cu
 
 Design. The per-chunk work of the delta rule is not a sum of independent pieces as in the SSD (where chunk
 states, state passing and the intra-chunk scan are separate kernels): the chunk's delta-rule values
-V' = U - W S need the entering state S, and the chunk's state update needs V'. So each direction is one
-kernel that walks the chunks of one (batch, head) in order, carrying the (dk, dv) state on chip:
-* forward: per chunk it builds G, A, T = (I + A)^-1 (forward substitution), U, W, V' = U - W S, the output
-  O and the next state, and writes the state entering each chunk (one float32 (dk, dv) per chunk and head:
-  the only residual besides the inputs; everything of size chunk x chunk is recomputed).
-* backward: the chunks in reverse, carrying dS (the gradient of the state leaving the chunk); per chunk
-  it recomputes the forward's chunk-local quantities from the saved entering state and applies the
-  hand-derived gradients.
-The chunk math is one body, kernels/gated_delta_chunk.py, run by both backends (and tested there in
-float64 against jax.vjp of its forward). Backends, one module each, driven through ``_BACKENDS``:
-* ``"gpu"``: kernels/gated_delta_pallas_gpu.py, Triton; grid (batch, head, dv tile): the state columns,
-  and all of the forward, split over dv tiles (``BlockSizes.block_v``) for parallelism, the chunk-local
-  dv-independent work (G, A, T, W) repeated per tile. In the backward the gradients w.r.t. q, k, beta and g
-  are sums over the dv tiles (everything is linear in the tile's cotangents); each tile writes its
-  partial sums, added up in XLA.
-* ``"tpu"``: kernels/gated_delta_pallas_tpu.py, Mosaic; grid (batch, head, chunk) with the chunk axis
-  "arbitrary" and the state in VMEM scratch; whole dv.
-Why not FLA's split (a parallel kernel for T / W / U of all chunks, then a sequential state kernel): it
-writes the (chunk x chunk) T, W and U of every chunk to memory and reads them back; here they stay on
-chip, at the price of the inverse running inside the sequential loop. A tuned split is future work.
+V' = U - W S need the entering state S, and the chunk's state update needs V'. Three kernels:
+* "inverse", parallel over (chunk, batch, head): T = (I + A)^-1 of every chunk, the one state-independent
+  piece that is not a matmul (forward substitution, chunk sequential steps of chunk x chunk elementwise
+  work): done with full parallelism rather than inside the sequential loops. T (float32, one chunk x chunk
+  matrix per chunk and head, a quarter of the entering states' size at dk = dv = 128, chunk 64) is saved
+  for the backward.
+* forward, one program per (batch, head [, dv tile]) walking the chunks in order with the (dk, dv) state
+  on chip: per chunk G, U, W, V' = U - W S, the output O and the next state (matmuls and elementwise
+  work only); it writes the state entering each chunk (float32, saved for the backward).
+* backward: the chunks in reverse, carrying dS (the gradient of the state leaving the chunk); per chunk it
+  recomputes the forward's chunk-local quantities from the saved entering state and T and applies the
+  hand-derived gradients (through T too: dA = -T^T dT T^T).
+The chunk math is one set of bodies, kernels/gated_delta_chunk.py, run by both backends (and tested there
+in float64 against jax.vjp of its forward). Backends, one module each, driven through ``_BACKENDS``:
+* ``"gpu"``: kernels/gated_delta_pallas_gpu.py, Triton; the sequential kernels on grid (batch, head, dv
+  tile): the state columns, and all of the forward, split over dv tiles (``BlockSizes.block_v``) for
+  parallelism, the dv-independent work (G, W) repeated per tile. In the backward the gradients w.r.t. q,
+  k, beta and g are sums over the dv tiles (everything is linear in the tile's cotangents); each tile
+  writes its partial sums, added up in XLA.
+* ``"tpu"``: kernels/gated_delta_pallas_tpu.py, Mosaic; the sequential kernels on grid (batch, head,
+  chunk) with the chunk axis "arbitrary" and the state in VMEM scratch; whole dv.
+Compared with flash-linear-attention's chunk_gated_delta_rule (a parallel kernel for T, then W and U of all
+chunks written to memory, a sequential state kernel writing V' and the states, a parallel output kernel):
+here W, U, V' and O are computed inside the sequential kernel and never go to memory, at the price of
+less parallelism in that kernel (batch x heads x dv tiles programs). Which split is faster on a given GPU
+has not been measured (no GPU was available when this was written; experiments/bench/gated_delta.py has
+the comparison with the XLA path).
 
 XLA glue (O(L h)): padding (length to whole chunks with identity steps g = 0, beta = 0, q = k = v = 0;
 dk, dv to powers of two >= 16 on GPU, multiples of 128 on TPU), the within-chunk cumulative sums of g as a
@@ -143,9 +150,11 @@ def _vectors(c, g_BLH, beta_BLH, doc_BL):
 
 
 def _core_fwd_impl(c, q, k, v, g, beta, s0, doc):
+  ops = _BACKENDS[c.target]
   vec = _vectors(c, g, beta, doc)
-  o, final, s_in = _BACKENDS[c.target].fwd(c, q, k, v, vec, s0)
-  return o, final, (q, k, v, g, beta, s0, doc, s_in)
+  T = ops.inverse(c, k, vec)
+  o, final, s_in = ops.fwd(c, q, k, v, vec, T, s0)
+  return o, final, (q, k, v, g, beta, s0, doc, T, s_in)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -160,10 +169,10 @@ def _core_fwd(c, q, k, v, g, beta, s0, doc):
 
 
 def _core_bwd(c, res, cts):
-  q, k, v, g, beta, s0, doc, s_in = res
+  q, k, v, g, beta, s0, doc, T, s_in = res
   do, dfinal = cts
   vec = _vectors(c, g, beta, doc)
-  dq, dk, dv, dbeta_BHL, dg_BHL, ds0 = _BACKENDS[c.target].bwd(c, q, k, v, vec, s_in, do.astype(v.dtype),
+  dq, dk, dv, dbeta_BHL, dg_BHL, ds0 = _BACKENDS[c.target].bwd(c, q, k, v, vec, T, s_in, do.astype(v.dtype),
                                                                 dfinal.astype(f32))
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), jnp.swapaxes(dg_BHL, 1, 2),
           jnp.swapaxes(dbeta_BHL, 1, 2), ds0 if c.has_s0 else None, None)

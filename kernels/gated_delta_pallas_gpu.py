@@ -1,6 +1,7 @@
-"""The gated delta rule's GPU kernels: Pallas on the Triton backend, one forward and one backward kernel.
+"""The gated delta rule's GPU kernels: Pallas on the Triton backend: the chunks' (I + A)^-1 (grid (chunk,
+batch, head), all parallel), then one forward and one backward kernel over the chunks in sequence.
 
-Grid (batch, head, dv tile); each program walks the chunks of its (batch, head) sequentially with its
+The sequential kernels have grid (batch, head, dv tile); each program walks the chunks of its (batch, head) sequentially with its
 (dk, block_v) slice of the state in registers (kernels/gated_delta_pallas.py explains the design;
 kernels/gated_delta_chunk.py is the chunk body). Blocks cover the whole padded sequence of one head;
 chunks are read from them with pl.ds. Every loaded or computed array has power-of-two dims (chunk, dk,
@@ -8,8 +9,9 @@ block_v >= 16, per-position vectors as (chunk, 1) columns or (1, chunk) rows), a
 
 Interface (the TPU module has the same), layouts: q, k (b, Lp, h, dk); v, o (b, Lp, h, dv); vectors as
 kernels/gated_delta_pallas._vectors makes them; states (b, h, dk, dv), entering states (b, nc, h, dk, dv).
-  fwd(c, q, k, v, vec, s0) -> o, final, s_in
-  bwd(c, q, k, v, vec, s_in, do, dfinal) -> dq, dk, dv (float32), dbeta (b, h, Lp, 1), dg (b, h, 1, Lp), ds0
+  inverse(c, k, vec) -> T (b, h, Lp, chunk), the chunks' (I + A)^-1, by a parallel kernel
+  fwd(c, q, k, v, vec, T, s0) -> o, final, s_in
+  bwd(c, q, k, v, vec, T, s_in, do, dfinal) -> dq, dk, dv (float32), dbeta (b, h, Lp), dg (b, h, Lp), ds0
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from altbench.kernels.gated_delta_chunk import Chunk, chunk_bwd, chunk_fwd, make_mm
+from altbench.kernels.gated_delta_chunk import Chunk, chunk_bwd, chunk_fwd, chunk_inverse, make_mm
 from altbench.kernels.pallas_common import f32, named_operands, refs_by_name, triton_params
 
 _VEC_NAMES = ("hi", "lo", "hi_r", "lo_r", "beta", "beta_r")
@@ -43,7 +45,31 @@ def _chunk(rf, ci, c):
 
 
 def _mm(rf):
-  return make_mm(rf["q"].dtype, f32)
+  return make_mm(rf["k"].dtype, f32)
+
+
+def _inverse_kernel(*refs, c, names):
+  rf = refs_by_name(refs, names)
+  get = lambda n: rf[n][...] if n in rf else None
+  x = Chunk(q=None, k=rf["k"][...], v=None, **{n: get(n) for n in _VEC_NAMES + _DOC_NAMES})
+  rf["T"][...] = chunk_inverse(x, _mm(rf))
+
+
+def inverse(c, k, vec):
+  """T = (I + A)^-1 of every chunk, (b, h, Lp, chunk) float32: grid (chunk, batch, head), all parallel."""
+  b, lp, h, dk = k.shape
+  C = c.chunk
+  col = pl.BlockSpec((None, None, C, 1), lambda ci, bi, hi: (bi, hi, ci, 0))
+  row = pl.BlockSpec((None, None, 1, C), lambda ci, bi, hi: (bi, hi, 0, ci))
+  doc_col = pl.BlockSpec((None, C, 1), lambda ci, bi, hi: (bi, ci, 0))
+  doc_row = pl.BlockSpec((None, 1, C), lambda ci, bi, hi: (bi, 0, ci))
+  names, in_specs, args = named_operands(
+      ("k", pl.BlockSpec((None, C, None, dk), lambda ci, bi, hi: (bi, ci, hi, 0)), k),
+      *[(n, row if n.endswith("_r") else col, vec[n]) for n in _VEC_NAMES],
+      *[(n, doc_row if n == "doc_r" else doc_col, vec.get(n)) for n in _DOC_NAMES])
+  out_spec = pl.BlockSpec((None, None, C, C), lambda ci, bi, hi: (bi, hi, ci, 0))
+  return _call(functools.partial(_inverse_kernel, c=c, names=names + ["T"]), c, (c.nc, b, h), in_specs, out_spec,
+               jax.ShapeDtypeStruct((b, h, lp, C), f32), "altbench_gated_delta_inverse", args)
 
 
 def _fwd_kernel(*refs, c, names):
@@ -53,8 +79,9 @@ def _fwd_kernel(*refs, c, names):
 
   def body(ci, state):
     rf["s_in"][ci] = state
-    o, state = chunk_fwd(_chunk(rf, ci, c), state, mm, c.scale)
-    rf["o"][pl.ds(pl.multiple_of(ci * c.chunk, c.chunk), c.chunk), :] = o.astype(rf["o"].dtype)
+    t = pl.ds(pl.multiple_of(ci * c.chunk, c.chunk), c.chunk)
+    o, state = chunk_fwd(_chunk(rf, ci, c), state, rf["T"][t, :], mm, c.scale)
+    rf["o"][t, :] = o.astype(rf["o"].dtype)
     return state
 
   rf["final"][...] = lax.fori_loop(0, c.nc, body, state)
@@ -68,7 +95,8 @@ def _bwd_kernel(*refs, c, names):
   def body(step, ds):
     ci = nc - 1 - step
     t = pl.ds(pl.multiple_of(ci * c.chunk, c.chunk), c.chunk)
-    dq, dk, dv, dbeta, dg, ds = chunk_bwd(_chunk(rf, ci, c), rf["s_in"][ci], rf["do"][t, :], ds, mm, c.scale)
+    dq, dk, dv, dbeta, dg, ds = chunk_bwd(_chunk(rf, ci, c), rf["s_in"][ci], rf["T"][t, :], rf["do"][t, :], ds,
+                                          mm, c.scale)
     rf["dq"][t, :] = dq
     rf["dk"][t, :] = dk
     rf["dv"][t, :] = dv.astype(rf["dv"].dtype)
@@ -79,7 +107,7 @@ def _bwd_kernel(*refs, c, names):
   rf["ds0"][...] = lax.fori_loop(0, nc, body, rf["dfinal"][...])
 
 
-def _in_specs(c, q, k, v, vec, bv):
+def _in_specs(c, q, k, v, vec, T, bv):
   """(names, specs, values) of the inputs both kernels read, over grid (batch, head, dv tile)."""
   b, lp, h, dk = q.shape
   seq = lambda w: pl.BlockSpec((None, lp, None, w), lambda bi, hi, vi: (bi, 0, hi, 0))
@@ -91,6 +119,7 @@ def _in_specs(c, q, k, v, vec, bv):
   ops = [("q", seq(dk), q), ("k", seq(dk), k), ("v", vspec, v)]
   ops += [(n, row if n.endswith("_r") else col, vec[n]) for n in _VEC_NAMES]
   ops += [(n, doc_row if n == "doc_r" else doc_col, vec.get(n)) for n in _DOC_NAMES]
+  ops += [("T", pl.BlockSpec((None, None, lp, c.chunk), lambda bi, hi, vi: (bi, hi, 0, 0)), T)]
   return ops
 
 
@@ -102,12 +131,12 @@ def _s_in_spec(nc, dk, bv):
   return pl.BlockSpec((None, nc, None, dk, bv), lambda bi, hi, vi: (bi, 0, hi, 0, vi))
 
 
-def fwd(c, q, k, v, vec, s0):
+def fwd(c, q, k, v, vec, T, s0):
   b, lp, h, dk = q.shape
   dv = v.shape[-1]
   bv = c.blocks.block_v
   grid = (b, h, dv // bv)
-  names, in_specs, args = named_operands(*_in_specs(c, q, k, v, vec, bv), ("s0", _state_spec(dk, bv), s0))
+  names, in_specs, args = named_operands(*_in_specs(c, q, k, v, vec, T, bv), ("s0", _state_spec(dk, bv), s0))
   out_names, out_specs, out_shape = named_operands(
       ("o", pl.BlockSpec((None, lp, None, bv), lambda bi, hi, vi: (bi, 0, hi, vi)),
        jax.ShapeDtypeStruct(v.shape, v.dtype)),
@@ -117,7 +146,7 @@ def fwd(c, q, k, v, vec, s0):
                out_shape, "altbench_gated_delta_fwd", args)
 
 
-def bwd(c, q, k, v, vec, s_in, do, dfinal):
+def bwd(c, q, k, v, vec, T, s_in, do, dfinal):
   b, lp, h, dk = q.shape
   dv = v.shape[-1]
   bv = c.blocks.block_v
@@ -125,7 +154,7 @@ def bwd(c, q, k, v, vec, s_in, do, dfinal):
   grid = (b, h, nvt)
   vspec = pl.BlockSpec((None, lp, None, bv), lambda bi, hi, vi: (bi, 0, hi, vi))
   names, in_specs, args = named_operands(
-      *_in_specs(c, q, k, v, vec, bv), ("s_in", _s_in_spec(c.nc, dk, bv), s_in), ("do", vspec, do),
+      *_in_specs(c, q, k, v, vec, T, bv), ("s_in", _s_in_spec(c.nc, dk, bv), s_in), ("do", vspec, do),
       ("dfinal", _state_spec(dk, bv), dfinal))
   # dq, dk, dbeta and dg: one partial sum per dv tile (leading axis), added up below.
   part = lambda block, index: pl.BlockSpec((None,) + block, lambda bi, hi, vi: (vi,) + index(bi, hi))

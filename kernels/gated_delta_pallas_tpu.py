@@ -1,6 +1,7 @@
-"""The gated delta rule's TPU kernels: Pallas TPU (Mosaic), one forward and one backward kernel.
+"""The gated delta rule's TPU kernels: Pallas TPU (Mosaic): the chunks' (I + A)^-1 (grid (batch, head,
+chunk), all parallel), then one forward and one backward kernel over the chunks in sequence.
 
-Grid (batch, head, chunk) with the chunk axis "arbitrary" (sequential; the backward runs it in reverse
+The sequential kernels have grid (batch, head, chunk) with the chunk axis "arbitrary" (sequential; the backward runs it in reverse
 through its index maps) and the (dk, dv) state, or its gradient, in VMEM scratch; batch and head
 "parallel". One program is one whole chunk of one head (kernels/gated_delta_chunk.py is its body), the
 whole dv. Layouts (b, h, Lp, d) so that blocks are (rows, lanes) tiles: the chunk length is a multiple of
@@ -10,7 +11,7 @@ chunk body also uses are made in the kernel by an aligned float32 transpose, as 
 does (no memory block has a last dim of 1). The one transposed matmul operand (a^T b) is transposed in
 float32 first, as there.
 
-``fwd`` and ``bwd`` take and return the canonical (GPU) layouts of kernels/gated_delta_pallas_gpu.py, so
+``inverse``, ``fwd`` and ``bwd`` take and return the canonical (GPU) layouts of kernels/gated_delta_pallas_gpu.py, so
 kernels/gated_delta_pallas.py drives both modules alike.
 """
 
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from altbench.kernels.gated_delta_chunk import Chunk, chunk_bwd, chunk_fwd, make_mm
+from altbench.kernels.gated_delta_chunk import Chunk, chunk_bwd, chunk_fwd, chunk_inverse, make_mm
 from altbench.kernels.pallas_common import (LANES, dot, f32, named_operands, refs_by_name, tpu_interpret, tpu_params,
                                             tpu_vmem)
 
@@ -50,15 +51,26 @@ def _chunk(rf):
   docs = {}
   if "doc" in rows:  # document ids are small integers: exact in float32
     docs = dict(doc=cols["doc"], doc_r=rows["doc"], ent=_column(rows["ent"]))
-  return Chunk(q=rf["q"][...], k=rf["k"][...], v=rf["v"][...], beta=cols["beta"], beta_r=rows["beta"],
+  get = lambda n: rf[n][...] if n in rf else None
+  return Chunk(q=get("q"), k=rf["k"][...], v=get("v"), beta=cols["beta"], beta_r=rows["beta"],
                hi=cols["hi"], lo=cols["lo"], hi_r=rows["hi"], lo_r=rows["lo"], **docs)
 
 
-def _call(kernel, c, grid, in_specs, out_specs, out_shape, name, args, scratch):
+def _call(kernel, c, grid, in_specs, out_specs, out_shape, name, args, scratch=(), sequential=True):
+  semantics = ("parallel", "parallel", "arbitrary" if sequential else "parallel")
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      scratch_shapes=list(scratch), compiler_params=tpu_params(("parallel", "parallel", "arbitrary")),
+      scratch_shapes=list(scratch), compiler_params=tpu_params(semantics),
       interpret=tpu_interpret(c.interpret), name=name)(*args)
+
+
+def _mm(rf):
+  return make_mm(rf["k"].dtype, f32, _tn)
+
+
+def _inverse_kernel(*refs, names):
+  rf = refs_by_name(refs, names)
+  rf["T"][...] = chunk_inverse(_chunk(rf), _mm(rf))
 
 
 def _fwd_kernel(*refs, c, names):
@@ -71,7 +83,7 @@ def _fwd_kernel(*refs, c, names):
 
   state = rf["st"][...]
   rf["s_in"][...] = state
-  o, state = chunk_fwd(_chunk(rf), state, make_mm(rf["q"].dtype, f32, _tn), c.scale)
+  o, state = chunk_fwd(_chunk(rf), state, rf["T"][...], _mm(rf), c.scale)
   rf["o"][...] = o.astype(rf["o"].dtype)
   rf["st"][...] = state
 
@@ -88,8 +100,8 @@ def _bwd_kernel(*refs, c, names):
   def _():
     rf["dst"][...] = rf["dfinal"][...]
 
-  dq, dk, dv, dbeta, dg, ds = chunk_bwd(_chunk(rf), rf["s_in"][...], rf["do"][...], rf["dst"][...],
-                                        make_mm(rf["q"].dtype, f32, _tn), c.scale)
+  dq, dk, dv, dbeta, dg, ds = chunk_bwd(_chunk(rf), rf["s_in"][...], rf["T"][...], rf["do"][...], rf["dst"][...],
+                                        _mm(rf), c.scale)
   rf["dq"][...] = dq
   rf["dk"][...] = dk
   rf["dv"][...] = dv
@@ -108,28 +120,38 @@ def _specs(c, dk, dv, reverse):
   ci = (lambda s: nc - 1 - s) if reverse else (lambda s: s)
   tile = lambda w: pl.BlockSpec((None, None, C, w), lambda bi, hi, s: (bi, hi, ci(s), 0))
   return dict(
-      qk=tile(dk), v=tile(dv),
+      qk=tile(dk), v=tile(dv), T=tile(C),
       row=pl.BlockSpec((None, None, 1, C), lambda bi, hi, s: (bi, hi, 0, ci(s))),
       doc_row=pl.BlockSpec((None, 1, C), lambda bi, hi, s: (bi, 0, ci(s))),
       state=pl.BlockSpec((None, None, dk, dv), lambda bi, hi, s: (bi, hi, 0, 0)),
       s_in=pl.BlockSpec((None, None, None, dk, dv), lambda bi, hi, s: (bi, ci(s), hi, 0, 0)))
 
 
-def _inputs(sp, q, k, v, vec):
+def _inputs(sp, q, k, v, vec, T):
   ops = [("q", sp["qk"], q), ("k", sp["qk"], k), ("v", sp["v"], v)]
   ops += [(n, sp["doc_row"] if n in ("doc_r", "ent_r") else sp["row"], vec.get(n)) for n in _ROW_NAMES]
-  return ops
+  return ops + [("T", sp["T"], T)]
+
+
+def inverse(c, k, vec):
+  """T = (I + A)^-1 of every chunk, (b, h, Lp, chunk) float32: grid (batch, head, chunk), all parallel."""
+  b, lp, h, dk = k.shape
+  sp = _specs(c, dk, 0, reverse=False)
+  names, in_specs, args = named_operands(*_inputs(sp, None, _heads(k), None, vec, None))
+  return _call(functools.partial(_inverse_kernel, names=names + ["T"]), c, (b, h, c.nc), in_specs, sp["T"],
+               jax.ShapeDtypeStruct((b, h, lp, c.chunk), f32), "altbench_gated_delta_inverse_tpu", args,
+               sequential=False)
 
 
 def _heads(a):     # (b, Lp, h, w) <-> (b, h, Lp, w)
   return jnp.swapaxes(a, 1, 2)
 
 
-def fwd(c, q, k, v, vec, s0):
+def fwd(c, q, k, v, vec, T, s0):
   b, lp, h, dk = q.shape
   dv = v.shape[-1]
   sp = _specs(c, dk, dv, reverse=False)
-  names, in_specs, args = named_operands(*_inputs(sp, _heads(q), _heads(k), _heads(v), vec),
+  names, in_specs, args = named_operands(*_inputs(sp, _heads(q), _heads(k), _heads(v), vec, T),
                                          ("s0", sp["state"], s0))
   out_names, out_specs, out_shape = named_operands(
       ("o", sp["v"], jax.ShapeDtypeStruct((b, h, lp, dv), v.dtype)),
@@ -141,12 +163,12 @@ def fwd(c, q, k, v, vec, s0):
   return _heads(o), final, s_in
 
 
-def bwd(c, q, k, v, vec, s_in, do, dfinal):
+def bwd(c, q, k, v, vec, T, s_in, do, dfinal):
   b, lp, h, dk = q.shape
   dv = v.shape[-1]
   sp = _specs(c, dk, dv, reverse=True)
   names, in_specs, args = named_operands(
-      *_inputs(sp, _heads(q), _heads(k), _heads(v), vec), ("s_in", sp["s_in"], s_in), ("do", sp["v"], _heads(do)),
+      *_inputs(sp, _heads(q), _heads(k), _heads(v), vec, T), ("s_in", sp["s_in"], s_in), ("do", sp["v"], _heads(do)),
       ("dfinal", sp["state"], dfinal))
   out_names, out_specs, out_shape = named_operands(
       ("dq", sp["qk"], jax.ShapeDtypeStruct((b, h, lp, dk), f32)),

@@ -18,6 +18,7 @@ operands (T, W, the state, cotangents) to bf16, with float32 accumulation.
 `-m slow` adds bigger interpret cases.
 """
 
+import functools
 import importlib
 import re
 
@@ -98,9 +99,13 @@ def test_chunk_backward_matches_vjp_of_chunk_forward_float64():
     do, ds_end = jnp.asarray(rng.standard_normal((c, dv)), f64), jnp.asarray(rng.standard_normal((dk, dv)), f64)
 
     def both(with_doc):  # one program each (eager float64 ops would each compile)
-      fwd = lambda q, k, v, beta, g, S: gdc.chunk_fwd(chunk(q, k, v, beta, g, with_doc), S, mm, scale)
+      def fwd(q, k, v, beta, g, S):
+        x = chunk(q, k, v, beta, g, with_doc)
+        return gdc.chunk_fwd(x, S, gdc.chunk_inverse(x, mm), mm, scale)
+
       want = jax.vjp(fwd, q, k, v, beta, g, S)[1]((do, ds_end))
-      dq, dk_, dv_, dbeta, dg, dS = gdc.chunk_bwd(chunk(q, k, v, beta, g, with_doc), S, do, ds_end, mm, scale)
+      x = chunk(q, k, v, beta, g, with_doc)
+      dq, dk_, dv_, dbeta, dg, dS = gdc.chunk_bwd(x, S, gdc.chunk_inverse(x, mm), do, ds_end, mm, scale)
       return (dq, dk_, dv_, dbeta[:, 0], dg[0], dS), want
 
     for with_doc in (False, True):
@@ -173,13 +178,17 @@ def test_dispatch_runs_a_pallas_kernel_and_optional_arguments_absent():
   # pallas_call really in the program; no initial_state, no final state, a custom scale, no documents.
   inputs = make_inputs(3, b=1, l=21, h=1, dk=4, dv=4)
   args = [inputs[n] for n in ("q", "k", "v", "g", "beta")]
-  run = lambda impl: gated_delta(*args, scale=0.7, chunk_size=16, impl=impl)
-  assert "pallas_call" in str(jax.make_jaxpr(lambda: run("pallas"))())
-  assert_close(run("pallas"), run("reference"), F32_RTOL, "o")
   cot = jnp.asarray(np.random.default_rng(4).standard_normal(args[2].shape), jnp.float32)
-  grad = lambda impl: jax.jit(jax.grad(lambda *a: jnp.sum(gated_delta(*a, scale=0.7, chunk_size=16, impl=impl) * cot),
-                               argnums=(0, 1, 2, 3, 4)))(*args)
-  for name, a, r in zip(("q", "k", "v", "g", "beta"), grad("pallas"), grad("reference")):
+
+  def loss(impl, *a):
+    o = gated_delta(*a, scale=0.7, chunk_size=16, impl=impl)
+    return jnp.sum(o * cot), o
+
+  assert "pallas_call" in str(jax.make_jaxpr(functools.partial(loss, "pallas"))(*args))
+  grad = lambda impl: jax.jit(jax.grad(functools.partial(loss, impl), argnums=(0, 1, 2, 3, 4), has_aux=True))(*args)
+  (grads, o), (grads_ref, o_ref) = grad("pallas"), grad("reference")
+  assert_close(o, o_ref, F32_RTOL, "o")
+  for name, a, r in zip(("q", "k", "v", "g", "beta"), grads, grads_ref):
     assert_close(a, r, F32_RTOL, f"d/d{name}")
 
 
@@ -249,7 +258,7 @@ def test_lowers(target, variant):
                                disabled_checks=checks)(*args)
   kernels = set(re.findall(r"altbench_gated_delta_[a-z_]+", exported.mlir_module()))
   suffix = "" if target == "gpu" else "_tpu"
-  assert {f"altbench_gated_delta_fwd{suffix}", f"altbench_gated_delta_bwd{suffix}"} <= kernels, kernels
+  assert {f"altbench_gated_delta_{k}{suffix}" for k in ("inverse", "fwd", "bwd")} <= kernels, kernels
 
 
 @pytest.mark.slow
