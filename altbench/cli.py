@@ -108,8 +108,14 @@ def cmd_prepare(args):
                            f"{args.out}") from None
   for split, entry in m["splits"].items():
     print(f"{split}: {entry['docs']} docs, {entry['tokens']} tokens in {len(entry['shards'])} shards of {m['dtype']}")
-  print(f"wrote {args.out}/manifest.json; train with --set data.dataset=tokens:{args.out} "
-        f"--set data.tokenizer={m['tokenizer']['kind']}")
+  from altbench.train.config import DataConfig
+  kind, vocab = m["tokenizer"]["kind"], m["tokenizer"]["vocab_size"]
+  sets = [f"data.dataset=tokens:{args.out}", f"data.tokenizer={kind}"]
+  if m["heldout_fraction"] != DataConfig.heldout_fraction:  # the run's settings must match the shards'
+    sets.append(f"data.heldout_fraction={m['heldout_fraction']}")
+  if kind == "bpe" and vocab != DataConfig.bpe_vocab_size:
+    sets.append(f"data.bpe_vocab_size={vocab}")
+  print(f"wrote {args.out}/manifest.json; train with " + " ".join(f"--set {s}" for s in sets))
 
 
 def cmd_report(args):

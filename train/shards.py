@@ -83,12 +83,12 @@ def _texts(src, text_field):
 
 
 def source_bytes(src):
-  """The size of the source in bytes, for the progress line."""
+  """The source's text in bytes, for the progress line (None for JSONL / Parquet: not known before reading)."""
   if src == "pystdlib":
     root = data.pystdlib_root()
     return sum(os.path.getsize(os.path.join(root, rel)) for rel in data.pystdlib_files())
   if os.path.isfile(src):
-    return os.path.getsize(src)
+    return None if src.endswith((".jsonl", ".parquet")) else os.path.getsize(src)
   return sum(os.path.getsize(os.path.join(src, n)) for n in _folder_names(src))
 
 
@@ -253,9 +253,9 @@ class _Progress:
     if self.enabled and (force or now - self.last > 0.5):
       self.last = now
       rate = self.done / max(now - self.t0, 1e-9) / 1e6
-      pct = 100 * self.done / max(self.total, 1)
-      sys.stderr.write(f"\rprepare: {pct:5.1f}% {self.done / 1e6:.1f}/{self.total / 1e6:.1f} MB, {self.docs} docs, "
-                       f"{shards} shards, {rate:.1f} MB/s ")
+      of = f"{100 * self.done / max(self.total, 1):5.1f}% {self.done / 1e6:.1f}/{self.total / 1e6:.1f}" \
+          if self.total is not None else f"{self.done / 1e6:.1f}"
+      sys.stderr.write(f"\rprepare: {of} MB, {self.docs} docs, {shards} shards, {rate:.1f} MB/s ")
       sys.stderr.flush()
 
   def close(self, shards):
