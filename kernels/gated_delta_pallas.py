@@ -191,7 +191,8 @@ def gated_delta_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, retu
   block_sizes: a BlockSizes for the GPU kernels; default per call (the tuned table, else _GPU_DEFAULT).
   """
   # The module (the package attribute kernels.gated_delta is the function); imported here: it imports this one.
-  importlib.import_module("altbench.kernels.gated_delta")._check_args(q, k, v, g, beta, scale, initial_state, seq_idx, chunk_size, "pallas")
+  importlib.import_module("altbench.kernels.gated_delta")._check_args(q, k, v, g, beta, scale, initial_state,
+                                                                      seq_idx, chunk_size, "pallas")
   backend = jax.default_backend()
   target = target or backend_target(backend) or "gpu"
   if target not in TARGETS:

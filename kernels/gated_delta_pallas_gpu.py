@@ -1,9 +1,9 @@
 """The gated delta rule's GPU kernels: Pallas on the Triton backend: the chunks' (I + A)^-1 (grid (chunk,
 batch, head), all parallel), then one forward and one backward kernel over the chunks in sequence.
 
-The sequential kernels have grid (batch, head, dv tile); each program walks the chunks of its (batch, head) sequentially with its
-(dk, block_v) slice of the state in registers (kernels/gated_delta_pallas.py explains the design;
-kernels/gated_delta_chunk.py is the chunk body). Blocks cover the whole padded sequence of one head;
+The sequential kernels have grid (batch, head, dv tile); each program walks the chunks of its (batch,
+head) in order with its (dk, block_v) slice of the state in registers (kernels/gated_delta_pallas.py
+explains the design; kernels/gated_delta_chunk.py is the chunk body). Blocks cover the whole padded sequence of one head;
 chunks are read from them with pl.ds. Every loaded or computed array has power-of-two dims (chunk, dk,
 block_v >= 16, per-position vectors as (chunk, 1) columns or (1, chunk) rows), as Triton requires.
 
