@@ -4,8 +4,8 @@ chunk), all parallel), then one forward and one backward kernel over the chunks 
 The sequential kernels have grid (batch, head, chunk) with the chunk axis "arbitrary" (sequential; the
 backward runs it in reverse through its index maps) and the (dk, dv) state, or its gradient, in VMEM
 scratch; batch and head "parallel". One program is one whole chunk of one head (kernels/gated_delta_chunk.py
-is its body), the whole dv. Layouts (b, h, Lp, d) so that blocks are (rows, lanes) tiles: the chunk length is a multiple of
-128 and dk, dv are zero-padded to multiples of 128 (the (8, 128) layout); per-position vectors come as
+is its body), the whole dv. Layouts (b, h, Lp, d) so that blocks are (rows, lanes) tiles: the chunk length
+is a multiple of 128 and dk, dv are zero-padded to multiples of 128 (the (8, 128) layout); per-position vectors come as
 (1, chunk) lane rows (document ids as float32, exact for small integers), and the (chunk, 1) columns the
 chunk body also uses are made in the kernel by an aligned float32 transpose, as kernels/ssd_pallas_tpu.py
 does (no memory block has a last dim of 1). The one transposed matmul operand (a^T b) is transposed in

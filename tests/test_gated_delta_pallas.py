@@ -1,7 +1,9 @@
 """kernels.gated_delta impl="pallas" (kernels/gated_delta_pallas*.py) against the token-by-token reference:
 outputs, final state and the gradients w.r.t. q, k, v, g, beta and initial_state (the final state in the
 loss); the chunk body's hand-written backward against jax.vjp of its forward in float64; the gate gradient
-under strong decay against float64 finite differences; forward + backward lowered for CUDA and TPU.
+under strong decay against float64 finite differences; test_gated_delta.py's closed forms (exact store and
+overwrite, beta = 0 and 1, state carry-over, packed documents) through impl="pallas"; the auto dispatch;
+forward + backward lowered for CUDA and TPU.
 
 On CPU the kernels run in Pallas interpret mode (the Triton-target kernels through the generic interpreter,
 the TPU-target kernels through the simulated-TPU interpreter), which is slow: shapes are tiny (the GPU chunk
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import test_gated_delta as tgd
 from altbench.kernels import gated_delta_chunk as gdc
 from altbench.kernels import gated_delta_pallas as gp
 from test_gated_delta import ARG_NAMES, cotangents, make_inputs
@@ -190,6 +193,20 @@ def test_dispatch_runs_a_pallas_kernel_and_optional_arguments_absent():
   assert_close(o, o_ref, F32_RTOL, "o")
   for name, a, r in zip(("q", "k", "v", "g", "beta"), grads, grads_ref):
     assert_close(a, r, F32_RTOL, f"d/d{name}")
+
+
+@pytest.mark.parametrize("check", [
+    tgd.test_orthonormal_keys_store_and_overwrite_exactly,
+    pytest.param(tgd.test_beta_one_reads_back_the_value_just_written, marks=pytest.mark.slow),
+    pytest.param(tgd.test_beta_zero_only_decays_the_initial_state, marks=pytest.mark.slow),
+    pytest.param(tgd.test_split_and_carry_state_equals_one_pass, marks=pytest.mark.slow),
+    pytest.param(tgd.test_packed_documents_equal_separate_runs, marks=pytest.mark.slow),
+], ids=lambda f: f.__name__.removeprefix("test_"))
+def test_closed_forms_and_state_conventions(check):
+  # test_gated_delta.py's exact properties of the delta rule (beta = 1 and repeated keys: the inverse at its
+  # hardest, T with entries of both signs that must cancel exactly), and of state carry-over and packed
+  # documents, run through impl="pallas".
+  check("pallas")
 
 
 def test_auto_dispatch_policy(monkeypatch):
