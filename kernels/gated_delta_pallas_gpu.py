@@ -4,8 +4,9 @@ batch, head), all parallel), then one forward and one backward kernel over the c
 The sequential kernels have grid (batch, head, dv tile); each program walks the chunks of its (batch,
 head) in order with its (dk, block_v) slice of the state in registers (kernels/gated_delta_pallas.py
 explains the design; kernels/gated_delta_chunk.py is the chunk body). Blocks cover the whole padded
-sequence of one head; chunks are read from them with pl.ds. Every loaded or computed array has power-of-two dims (chunk, dk,
-block_v >= 16, per-position vectors as (chunk, 1) columns or (1, chunk) rows), as Triton requires.
+sequence of one head; chunks are read from them with pl.ds. Every loaded or computed array has
+power-of-two dims (chunk, dk, block_v >= 16, per-position vectors as (chunk, 1) columns or (1, chunk)
+rows), as Triton requires.
 
 Interface (the TPU module has the same), layouts: q, k (b, Lp, h, dk); v, o (b, Lp, h, dv); vectors as
 kernels/gated_delta_pallas._vectors makes them; states (b, h, dk, dv), entering states (b, nc, h, dk, dv).
