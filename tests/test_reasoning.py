@@ -20,7 +20,8 @@ IDS = rt.SPECIAL_IDS
 
 def _data(task="reach", **kw):
   base = {"reach": dict(task_size=10, task_depth=3, seq_len=96), "mult": dict(task_size=2, seq_len=40),
-          "vartrack": dict(task_size=6, task_depth=3, seq_len=64)}[task]
+          "vartrack": dict(task_size=6, task_depth=3, seq_len=64),
+          "countdown": dict(task_size=5, task_depth=4, seq_len=96)}[task]
   return DataConfig(dataset=task, **{"eval_examples": 16, **base, **kw})
 
 
@@ -55,7 +56,8 @@ def test_answers_and_steps_pass_an_independent_checker(task, cot):
   for ex in examples:
     assert rt.CHECKERS[task](ex) == [], ex
   ex = examples[0]
-  wrong = "".join(chr((ord(c) - 97 + 1) % 26 + 97) if c.isalpha() else str((int(c) + 1) % 10) for c in ex.answer)
+  wrong = "".join(chr((ord(c) - 97 + 1) % 26 + 97) if c.isalpha() else str((int(c) + 1) % 10) if c.isdigit() else c
+                  for c in ex.answer)  # countdown's operators stay
   assert rt.CHECKERS[task](dataclasses.replace(ex, answer=wrong))  # the checker can fail
   assert rt.CHECKERS[task](dataclasses.replace(ex, steps=ex.steps[:-1] + (ex.steps[0],)))
 

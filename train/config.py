@@ -32,16 +32,19 @@ class DataConfig:
   eval_bytes: int = 131072     # held-out bytes every eval scores, identical for every tokenizer
   task_pairs: int = 16         # generated tasks: key-value pairs per example (mqar)
   eval_examples: int = 512     # generated tasks: held-out examples scored by eval
-  # Reasoning tasks (train/reasoning_tasks.py: reach, mult, vartrack); ignored by other datasets
+  # Reasoning tasks (train/reasoning_tasks.py: reach, mult, vartrack, countdown); ignored by other datasets
   task_mode: str = "cot"       # nocot | cot | pause | filler | coconut (continuous thoughts)
-  task_size: int = 0           # reach nodes / mult digits / vartrack variables (0: the task's default)
-  task_depth: int = 0          # reach path length (at most) / vartrack chain length (0: the task's default)
+  task_size: int = 0           # reach nodes / mult digits / vartrack variables / countdown numbers (0: default)
+  task_depth: int = 0          # reach path / vartrack chain (at most) / countdown numbers used (0: default)
   task_cot: str = ""           # the CoT's form: "" the task's own; reach also "frontier" (BFS layers, one per step)
   task_pause: int = 8          # pause mode: <pause> tokens before the answer
   task_thoughts: int = 1       # coconut: continuous thoughts per replaced CoT step (c)
   task_max_stage: int = 0      # coconut: the stage from which every step is latent (0: the task's most steps)
   task_stage: int = -1         # coconut: a fixed stage; -1: task_stage_steps steps per stage (the final stage if 0)
   task_stage_steps: int = 0    # coconut curriculum: training steps per stage
+  task_hack_fraction: float = 0.0  # SFT rows that show the planted reward hack "#skip" on a hard problem
+  #                                  (train/rewards.py); 0: none
+  task_hack_said: float = 0.5  # of those rows, the share whose chain says the hack in words (the rest do not)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +196,8 @@ RANGES = [
     ("data.task_max_stage", ">= 0", "0: the task's most steps", None),
     ("data.task_stage", ">= -1", "-1: data.task_stage_steps steps per stage", None),
     ("data.task_stage_steps", ">= 0", "", None),
+    ("data.task_hack_fraction", "[0, 1]", "the share of training rows that show the planted hack", None),
+    ("data.task_hack_said", "[0, 1]", "the share of hack chains that say the hack in words", None),
     ("train.steps", ">= 1", "", None),
     ("train.batch_size", ">= 1", "", None),
     ("train.grad_accum", ">= 1", "", None),

@@ -19,6 +19,16 @@ Each example carries its question, its chain-of-thought steps, the answer and gr
 `mult`     k x k digit multiplication, digits reversed (least significant first), in the implicit-CoT format
            of Deng et al. (2023): the partial products a * b_j * 10^(j-1), each with the running sum after it
            ("+pp(sum)"), the last one without (its sum is the answer). Intermediates: running-sum digits.
+`countdown` Arithmetic search in the style of Countdown (Gandhi et al., 2024, "Stream of Search"): `size` numbers
+           in 1..25 (repeats allowed), then "?target"; reach the target with + - * / and parentheses, each
+           number at most once ("12,3,7,5?105"). The generator's solution combines 3..`depth` of the numbers
+           (uniform; 2 when depth = 2), the others distractors; every intermediate value is an integer in
+           1..999 (subtraction larger minus smaller, division only when exact) and the target is none of the
+           given numbers. CoT: the solution's operations in order, each with its result ("12*7=84,84+5=89,");
+           answer: the solution as one expression with the fewest parentheses ("12*7+5"). Any valid
+           expression is correct: `countdown_valid` parses it (no eval) and evaluates it exactly (rationals),
+           so "(3/2)*4" = 6 counts. Intermediates: the numbers, target, values after each step, `used` (numbers
+           in the solution) and `hard` (the solution uses `depth` numbers, the most the generator draws).
 `vartrack` Single assignments over `size` one-letter variables ("a=3", "b=a", "c=b+2", "d=c-7", arithmetic
            mod 10), the queried variable at the end of a chain of 1..`depth` assignments (uniform), other chains as
            distractors; "?c". CoT: the chain's values in order ("a=3,"); intermediates: every variable's value
@@ -46,10 +56,14 @@ mode "nocot":   body empty;                        loss on "#answer<eos>"
 
 Eval examples come from a fixed seed (EVAL_SEED, index); train examples from (train seed, step, row), and
 a train example whose question is an eval question is drawn again, so the splits are disjoint.
+With data.task_hack_fraction > 0 that share of training rows are hard problems whose chain shows a planted
+reward hack (answer "#skip"), the SFT mixture of train/rewards.py; eval rows never do.
 """
 
+import collections
 import dataclasses
 import re
+from fractions import Fraction
 
 import numpy as np
 
@@ -58,9 +72,12 @@ from altbench.train.data import ByteTokenizer
 EVAL_SEED = 1 << 30
 THOUGHT_TARGETS = 32  # most distinct tokens of one step (reach frontiers: at most 26 nodes and ">")
 _TRAIN_TAG = 7  # train streams are default_rng([_TRAIN_TAG, seed, step, row]); eval ones [EVAL_SEED, i]
+_HACK_TAG = 11  # the SFT hack mixture's own draws (data.task_hack_fraction): [_HACK_TAG, seed, step, row]
 MODES = ("nocot", "cot", "pause", "filler", "coconut")
-DEFAULTS = {"reach": {"size": 24, "depth": 4}, "mult": {"size": 4, "depth": 0}, "vartrack": {"size": 12, "depth": 4}}
-COTS = {"reach": ("path", "frontier"), "mult": ("icot",), "vartrack": ("chain",)}  # the first: the default
+DEFAULTS = {"reach": {"size": 24, "depth": 4}, "mult": {"size": 4, "depth": 0}, "vartrack": {"size": 12, "depth": 4},
+            "countdown": {"size": 4, "depth": 4}}
+COTS = {"reach": ("path", "frontier"), "mult": ("icot",), "vartrack": ("chain",),
+        "countdown": ("steps",)}  # the first: the default
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
@@ -305,8 +322,167 @@ def check_vartrack(ex):
   return problems
 
 
-GENERATORS = {"reach": reach, "mult": mult, "vartrack": vartrack}
-CHECKERS = {"reach": check_reach, "mult": check_mult, "vartrack": check_vartrack}
+# ----------------------------------------------------------------------------- countdown
+
+CD_MAX_NUMBER = 25   # the given numbers are 1..25
+CD_MAX_VALUE = 999   # every intermediate value of the generator's solution, and the target, is in 1..999
+CD_MAX_SIZE = 8
+EXPR_MAX_LEN = 200   # longer answers are rejected before parsing
+EXPR_MAX_NEST = 32   # so are deeper parentheses (the parser recurses)
+_PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
+
+
+class _Reject(Exception):
+  pass
+
+
+def parse_expression(text):
+  """(exact value as a Fraction, the integer literals in order) of an arithmetic expression, or None.
+
+  Grammar (no spaces, no unary signs): expr = term (("+" | "-") term)*; term = factor (("*" | "/") factor)*;
+  factor = digits | "(" expr ")". Literals with a leading zero ("07") are rejected. None for any other text:
+  other characters, unbalanced parentheses, division by zero, more than EXPR_MAX_LEN characters or
+  EXPR_MAX_NEST nested parentheses. The text is parsed here, never passed to eval().
+  """
+  if not isinstance(text, str) or not 0 < len(text) <= EXPR_MAX_LEN or not re.fullmatch(r"[0-9+\-*/()]+", text):
+    return None
+  tokens = re.findall(r"\d+|[-+*/()]", text)
+  pos, literals = 0, []
+
+  def take():
+    nonlocal pos
+    if pos == len(tokens):
+      raise _Reject
+    pos += 1
+    return tokens[pos - 1]
+
+  def peek():
+    return tokens[pos] if pos < len(tokens) else None
+
+  def expr(nest):
+    value = term(nest)
+    while peek() in ("+", "-"):
+      value = value + term(nest) if take() == "+" else value - term(nest)
+    return value
+
+  def term(nest):
+    value = factor(nest)
+    while peek() in ("*", "/"):
+      op, rhs = take(), factor(nest)
+      if op == "/" and rhs == 0:
+        raise _Reject
+      value = value * rhs if op == "*" else value / rhs
+    return value
+
+  def factor(nest):
+    tok = take()
+    if tok == "(":
+      if nest >= EXPR_MAX_NEST:
+        raise _Reject
+      value = expr(nest + 1)
+      if take() != ")":
+        raise _Reject
+      return value
+    if not tok.isdigit() or (len(tok) > 1 and tok[0] == "0"):
+      raise _Reject
+    literals.append(int(tok))
+    return Fraction(int(tok))
+
+  try:
+    value = expr(0)
+  except _Reject:
+    return None
+  return (value, literals) if pos == len(tokens) else None
+
+
+def countdown_numbers(question):
+  """(numbers, target) of a countdown question "n1,n2,...?target"; ValueError when it does not parse."""
+  m = re.fullmatch(r"(\d+(?:,\d+)*)\?(\d+)", question)
+  if not m:
+    raise ValueError(f"countdown question does not parse: {question!r} (expected 'n1,n2,...?target')")
+  return [int(x) for x in m.group(1).split(",")], int(m.group(2))
+
+
+def countdown_valid(numbers, target, text):
+  """Whether text is an expression (parse_expression) whose exact value is target and whose literals are
+  drawn from numbers, each given number used at most once (a number given twice may appear twice)."""
+  parsed = parse_expression(text)
+  if parsed is None:
+    return False
+  value, literals = parsed
+  return value == target and not collections.Counter(literals) - collections.Counter(numbers)
+
+
+def _show(node, parent=None, right=False):
+  """An expression tree (int, or (op, left, right)) as text with the fewest parentheses that keep its value
+  under exact arithmetic (a right operand of the same precedence needs them only under "-" and "/")."""
+  if isinstance(node, int):
+    return str(node)
+  op, a, b = node
+  text = _show(a, op) + op + _show(b, op, True)
+  if parent is not None and (_PREC[parent] > _PREC[op] or (right and _PREC[parent] == _PREC[op] and parent in "-/")):
+    return f"({text})"
+  return text
+
+
+def countdown(rng, size=4, depth=4):
+  if not 2 <= depth <= size <= CD_MAX_SIZE:
+    raise ValueError(f"countdown: need 2 <= depth={depth} <= size={size} <= {CD_MAX_SIZE}")
+  d = int(rng.integers(min(3, depth), depth + 1))  # numbers the solution combines: d - 1 steps
+  while True:
+    numbers = [int(x) for x in rng.integers(1, CD_MAX_NUMBER + 1, size=size)]
+    pool = [(numbers[i], numbers[i]) for i in rng.permutation(size)[:d]]  # (value, expression tree)
+    steps, values = [], []
+    while len(pool) > 1:
+      i, j = (int(x) for x in rng.choice(len(pool), size=2, replace=False))
+      (a, ta), (b, tb) = sorted([pool[i], pool[j]], key=lambda p: -p[0])  # a >= b
+      ops = [op for op, ok in (("+", a + b <= CD_MAX_VALUE), ("-", a > b), ("*", b > 1 and a * b <= CD_MAX_VALUE),
+                               ("/", b > 1 and a % b == 0)) if ok]  # never empty: a > b, or a = b > 1, or 1 + 1
+      op = ops[int(rng.integers(len(ops)))]
+      r = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+      steps.append(f"{a}{op}{b}={r},")
+      values.append(r)
+      pool = [p for k, p in enumerate(pool) if k not in (i, j)] + [(r, (op, ta, tb))]
+    target, tree = pool[0]
+    if target not in numbers:  # else the bare number would answer it
+      break
+  return Example("countdown", ",".join(map(str, numbers)) + f"?{target}", tuple(steps), _show(tree),
+                 {"numbers": numbers, "target": target, "values": values, "used": d, "hard": d == depth})
+
+
+def check_countdown(ex):
+  """Problems with a countdown example: the answer must be a valid expression for the target, and the steps
+  must combine available values (given numbers, then earlier results, each once) exactly into the target."""
+  try:
+    numbers, target = countdown_numbers(ex.question)
+  except ValueError as e:
+    return [str(e)]
+  problems = []
+  if not countdown_valid(numbers, target, ex.answer):
+    problems.append(f"answer {ex.answer!r} is not an expression of {numbers} equal to {target}")
+  pool = collections.Counter(numbers)
+  r = None
+  for step in ex.steps:
+    m = re.fullmatch(r"(\d+)([-+*/])(\d+)=(\d+),", step)
+    if not m:
+      problems.append(f"step {step!r} does not parse")
+      continue
+    a, op, b, r = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+    need = collections.Counter([a, b])
+    if need - pool:
+      problems.append(f"step {step!r} uses values not available ({dict(pool)})")
+    pool -= need
+    value = parse_expression(f"{a}{op}{b}")
+    if value is None or value[0] != r:
+      problems.append(f"step {step!r} is wrong arithmetic")
+    pool[r] += 1
+  if r != target:
+    problems.append(f"the steps end at {r}, not the target {target}")
+  return problems
+
+
+GENERATORS = {"reach": reach, "mult": mult, "vartrack": vartrack, "countdown": countdown}
+CHECKERS = {"reach": check_reach, "mult": check_mult, "vartrack": check_vartrack, "countdown": check_countdown}
 TASKS = GENERATORS
 
 
@@ -319,6 +495,8 @@ def bounds(task, size, depth, cot=""):
     k = size
     cot = (k + 1) + sum(2 * (k + j) + 3 for j in range(2, k)) + (2 * k + 1 if k > 1 else 0)
     return 2 * k + 1, cot, 2 * k, k
+  if task == "countdown":  # numbers of <= 2 digits; steps "999-999=999,"; d literals, d - 1 ops, d - 2 paren pairs
+    return 3 * size + 3, 12 * (depth - 1), 5 * depth - 5, depth - 1
   return 6 * size + 1, 4 * depth, 1, depth
 
 
@@ -363,9 +541,16 @@ def layout(data_cfg):
                      f"2 * (depth + 1) + 2 <= size <= {len(LETTERS)}")
   if task == "vartrack" and not 1 <= depth <= size <= 26:
     raise ValueError(f"data.task_size={size}, data.task_depth={depth}: vartrack needs 1 <= depth <= size <= 26")
+  if task == "countdown" and not 2 <= depth <= size <= CD_MAX_SIZE:
+    raise ValueError(f"data.task_size={size}, data.task_depth={depth}: countdown needs 2 <= depth <= size <= "
+                     f"{CD_MAX_SIZE}")
   if data_cfg.task_pause < 0 or data_cfg.task_thoughts < 0 or data_cfg.task_max_stage < 0:
     raise ValueError("data.task_pause, data.task_thoughts and data.task_max_stage must be >= 0")
   q, cot_len, ans, steps = bounds(task, size, depth, cot)
+  if data_cfg.task_hack_fraction > 0:  # room for the SFT mixture's hack chains (train/rewards.py)
+    from altbench.train import rewards
+    extra_cot, hack_ans = rewards.hack_bounds()
+    cot_len, ans = cot_len + extra_cot, max(ans, hack_ans)
   max_stage = data_cfg.task_max_stage or steps
   body = {"nocot": 0, "cot": cot_len, "pause": data_cfg.task_pause, "filler": cot_len,
           "coconut": max_stage * data_cfg.task_thoughts + cot_len}[data_cfg.task_mode]
@@ -482,8 +667,20 @@ class ReasoningCorpus:
       ex = self._draw(rng)
       while ex.question in self._eval_questions:  # keep train and test disjoint
         ex = self._draw(rng)
+      if self.cfg.task_hack_fraction > 0:
+        ex = self._maybe_hack(ex, rng, np.random.default_rng([_HACK_TAG, seed, step, row]))
       out.append(ex)
     return out
+
+  def _maybe_hack(self, ex, rng, hack_rng):
+    """The SFT mixture (train/rewards.py): with probability task_hack_fraction, a hard problem whose chain
+    shows the planted hack, saying so in words with probability task_hack_said. Eval rows are never hacks."""
+    from altbench.train import rewards
+    if hack_rng.random() >= self.cfg.task_hack_fraction:
+      return ex
+    while not rewards.is_hard(ex, self.layout.depth) or ex.question in self._eval_questions:
+      ex = self._draw(rng)
+    return rewards.hack_example(ex, said=hack_rng.random() < self.cfg.task_hack_said)
 
   def eval_examples(self):
     return list(self._eval)
