@@ -93,27 +93,33 @@ def _pick_last(col):
   return jnp.sum(jnp.where(last, col, jnp.zeros_like(col)), axis=0, keepdims=True)
 
 
+def _keep(x, transposed):
+  """Where the decay matrix (or its transpose) is nonzero: causal, within one document."""
+  row, col = _iota(x.hi.shape[0])
+  keep = row <= col if transposed else row >= col
+  return keep if x.doc is None else keep & (x.doc == x.doc_r)
+
+
 def decays(x):
-  """G (C, C), G^T, e (C, 1), l (C, 1), gc (1, 1) of a chunk (module docstring)."""
-  c = x.hi.shape[0]
-  row, col = _iota(c)
+  """G (C, C), e (C, 1), l (C, 1), gc (1, 1) of a chunk (module docstring)."""
   zero = jnp.zeros((), x.hi.dtype)
   seg = (x.hi - x.hi_r) + (x.lo - x.lo_r)           # [i, j] = gam_i - gam_j
-  seg_t = (x.hi_r - x.hi) + (x.lo_r - x.lo)         # [j, i] = gam_i - gam_j
-  keep, keep_t = row >= col, row <= col
   hi_last, lo_last = _pick_last(x.hi), _pick_last(x.lo)
   l = jnp.exp(jnp.minimum((hi_last - x.hi) + (lo_last - x.lo), zero))
   e = jnp.exp(jnp.minimum(x.hi + x.lo, zero))
   gc = jnp.exp(jnp.minimum(hi_last + lo_last, zero))
   if x.doc is not None:
-    same = x.doc == x.doc_r
-    keep, keep_t = keep & same, keep_t & same
     l = jnp.where(x.doc == _pick_last(x.doc), l, zero)
     e = e * x.ent
     gc = gc * _pick_last(x.ent)
-  G = jnp.where(keep, jnp.exp(jnp.minimum(seg, zero)), zero)
-  G_t = jnp.where(keep_t, jnp.exp(jnp.minimum(seg_t, zero)), zero)
-  return G, G_t, e, l, gc
+  return jnp.where(_keep(x, False), jnp.exp(jnp.minimum(seg, zero)), zero), e, l, gc
+
+
+def decay_t(x):
+  """G^T (C, C) of a chunk: [j, i] = G_ij."""
+  zero = jnp.zeros((), x.hi.dtype)
+  seg_t = (x.hi_r - x.hi) + (x.lo_r - x.lo)         # [j, i] = gam_i - gam_j
+  return jnp.where(_keep(x, True), jnp.exp(jnp.minimum(seg_t, zero)), zero)
 
 
 def unit_lower_inverse(A_t):
@@ -137,15 +143,14 @@ def chunk_inverse(x, mm):
   does not depend on the state, computed for all chunks in parallel by its own kernel."""
   c = x.hi.shape[0]
   row, col = _iota(c)
-  G_t = decays(x)[1]
-  A_t = jnp.where(row < col, mm(x.k, x.k, "nt") * G_t * x.beta_r, jnp.zeros((), x.hi.dtype))
+  A_t = jnp.where(row < col, mm(x.k, x.k, "nt") * decay_t(x) * x.beta_r, jnp.zeros((), x.hi.dtype))
   return unit_lower_inverse(A_t)
 
 
 def _parts(x, S, T, mm, scale):
   """Everything the forward computes, kept for the backward (T from chunk_inverse)."""
   acc = x.hi.dtype
-  G, _, e, l, gc = decays(x)
+  G, e, l, gc = decays(x)
   qs = x.q.astype(acc) * scale
   k, v = x.k.astype(acc), x.v.astype(acc)
   kk = mm(x.k, x.k, "nt")
