@@ -43,9 +43,13 @@ def cmd_train(args):
 def cmd_arena(args):
   from altbench.train import arena, loop
   spec = arena.load(args.arena)
+  import dataclasses
   if args.power_w:
-    import dataclasses
     spec = dataclasses.replace(spec, power_w=args.power_w)
+  if args.seeds is not None:
+    if args.seeds < 1:
+      raise SystemExit(f"altbench arena: --seeds {args.seeds}: valid: an int >= 1")
+    spec = dataclasses.replace(spec, seeds=args.seeds)
   workdir = args.workdir or os.path.join("runs", spec.name)
   _setup_jax(args)
   import jax
@@ -149,6 +153,8 @@ def main(argv=None):
   p = sub.add_parser("arena", help="train every entry of an arena to equal FLOPs; leaderboard, ledger and plots")
   p.add_argument("arena", help="experiments/arena.py[:variant] (smoke | cpu | gpu)")
   p.add_argument("--workdir", help="arena directory, one run directory per entry (default runs/arena-<variant>)")
+  p.add_argument("--seeds", type=int, help="runs per entry (train.seed + 0..N-1; default: the variant's, 1 for "
+                 "smoke, 3 for cpu and gpu): mean, 95%% interval and paired differences")
   p.add_argument("--power-w", type=float, default=0.0, help="stated device power (W) where energy is estimated")
   p.set_defaults(func=cmd_arena)
 

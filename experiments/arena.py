@@ -36,6 +36,7 @@ SIZES = {  # the text group's widths (every family at this width; Mamba-2 hybrid
 # The compute dtype of every entry where it is not the models' float32 (weights stay float32): bf16 on an
 # accelerator, where impl="auto" takes the Pallas kernels only for 16-bit activations (tuning.pallas_dtype_pays).
 DTYPE = {"gpu": "bfloat16"}
+SEEDS = {"smoke": 1, "cpu": 3, "gpu": 3}  # runs per entry (train.seed + 0..n-1); `altbench arena --seeds N` overrides
 REACH = {"smoke": dict(suffix="-smoke", baseline_steps=60), "cpu": dict(suffix="-smoke", baseline_steps=800),
          "gpu": dict(suffix="", baseline_steps=4000)}
 DECODE = {"smoke": dict(decode_contexts=(64, 256), decode_steps=4, reasoning_examples=32, recurrences=(1, 3)),
@@ -153,4 +154,5 @@ def get_arena(variant=""):
                                "BLT, entropy patching"))
   if v in DTYPE:
     entries = [dataclasses.replace(e, build=_in_dtype(e.build, DTYPE[v])) for e in entries]
-  return arena.Arena(name=f"arena-{v}", groups=tuple(groups), entries=tuple(entries), evals=4, **DECODE[v])
+  return arena.Arena(name=f"arena-{v}", groups=tuple(groups), entries=tuple(entries), evals=4, seeds=SEEDS[v],
+                     **DECODE[v])

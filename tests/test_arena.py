@@ -292,3 +292,31 @@ def test_analytic_flops_match_xla_cost_analysis(case):
   cost = cost[0] if isinstance(cost, list) else cost
   analytic = family.flops_per_token(cfg, l) * batch["inputs"].shape[1] * l
   assert abs(cost["flops"] / analytic - 1) < tol, (cost["flops"], analytic, cost["flops"] / analytic)
+
+
+def test_seeds_give_means_intervals_and_paired_differences(tmp_path, compile_cache):
+  entries = (arena.Entry("one", "text", "lm", lambda _: _text_config()),
+             arena.Entry("two", "text", "lm", lambda _: replace(_text_config(), model={"pattern": "AA"})))
+  groups = (arena.Group("text", "bpb", arena.flops_per_step(_text_config()) * 6),)
+  spec = arena.Arena("seeds", groups, entries, evals=1, decode_tokens=0, xla_check=False, seeds=2)
+  board = arena.run(spec, str(tmp_path), log=lambda *_: None)
+  rows = {r["name"]: r for r in board["groups"][0]["rows"]}
+  per_seed = {}
+  for name in rows:
+    dirs = [name, f"{name}.seed1"]
+    results = [json.load(open(tmp_path / d / arena.RESULT)) for d in dirs]
+    assert [json.load(open(tmp_path / d / "config.json"))["config"]["train"]["seed"] for d in dirs] == [0, 1]
+    per_seed[name] = [r["eval_bpb"] for r in results]
+    assert len(set(per_seed[name])) == 2  # the seed changes initialisation and data order
+    assert rows[name]["seed_scores"] == per_seed[name]
+    x = np.array(per_seed[name])
+    half = 12.706204736174707 * x.std(ddof=1) / np.sqrt(2)  # t(0.975, 1 degree of freedom)
+    assert rows[name]["eval_bpb"] == pytest.approx(x.mean())
+    assert (rows[name]["eval_bpb_ci_low"], rows[name]["eval_bpb_ci_high"]) == pytest.approx((x.mean() - half,
+                                                                                             x.mean() + half))
+  first, second = board["groups"][0]["rows"]
+  d = np.subtract(per_seed[second["name"]], per_seed[first["name"]])
+  half = 12.706204736174707 * d.std(ddof=1) / np.sqrt(2)
+  assert second["vs_above"]["mean"] == pytest.approx(d.mean()) and "vs_above" not in first
+  assert second["vs_above"]["significant"] == (abs(d.mean()) > half)
+  assert "95% CI] of 2 seeds" in leaderboard.markdown(board)

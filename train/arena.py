@@ -6,6 +6,13 @@ leaderboard section) and Entries. Resumable: a finished entry has an atomic `are
 directory and is never retrained; the entry in progress resumes from its checkpoint through the loop's own
 resume. An entry whose family is not registered, fails to import, or whose config cannot be built is listed as
 missing in the leaderboard, one whose loss turns non-finite as failed (both are retried by the next run).
+
+Seeds (`seeds`, `altbench arena --seeds N`): every entry is trained N times, with train.seed = its config's seed
++ i for i = 0..N-1 (seed i changes the initialisation and the data order; entries share both at the same i, so
+comparisons are paired). Seed 0 runs in `<entry>/`, seed i in `<entry>.seed<i>/`. The leaderboard row is seed 0's
+ledger plus the score's mean over seeds, its 95% t-interval and each seed's value (`seed_scores`); each row after
+the first carries the paired difference to the row above it (`vs_above`: mean, 95% interval, significant when
+the interval excludes 0).
 """
 
 import dataclasses
@@ -60,6 +67,7 @@ class Arena:
   recurrences: tuple = ()         # recurrent depth: also the answer accuracy at these test-time r (a compute sweep)
   xla_check: bool = True          # compile the train step once more for XLA's FLOPs and memory
   power_w: float = 0.0            # stated device power for estimated energy (0: the loop's per-backend default)
+  seeds: int = 1                  # runs per entry (train.seed + 0..seeds-1): mean, 95% interval, paired differences
 
 
 def flops_per_step(cfg):
@@ -112,23 +120,27 @@ def run(arena, workdir, log=print):
       "arena": arena.name, "versions": loop.versions(),
       "groups": [dataclasses.asdict(g) for g in arena.groups],
       "entries": [{"name": e.name, "group": e.group, "family": e.family, "note": e.note} for e in arena.entries]})
-  done = {e.name: _read_result(workdir, e) for e in arena.entries}
-  stale = [e.name for e in arena.entries if done[e.name] and (done[e.name]["group"], done[e.name]["budget_flops"]) !=
-           (e.group, groups[e.group].budget_flops)]
+  if arena.seeds < 1:
+    raise config_lib.ConfigError(f"arena {arena.name}: seeds={arena.seeds}: valid: an int >= 1")
+  runs = [(e, i) for e in arena.entries for i in range(arena.seeds)]
+  done = {(e.name, i): _read_result(workdir, e, i) for e, i in runs}
+  stale = sorted({e.name for e, i in runs if done[e.name, i] and (done[e.name, i]["group"],
+                                                                   done[e.name, i]["budget_flops"]) !=
+                  (e.group, groups[e.group].budget_flops)})
   if stale:
     raise config_lib.ConfigError(f"{workdir} holds results of {stale} at another budget or group; use another "
                                  "--workdir or the same arena to resume")
-  todo = [e for e in arena.entries if done[e.name] is None]
+  todo = [(e, i) for e, i in runs if done[e.name, i] is None]
   for g in arena.groups:
     n = sum(e.group == g.name for e in arena.entries)
     budget = f"{g.budget_flops:.3g} training FLOPs per entry" if g.budget_flops else "not budgeted (auxiliary)"
-    log(f"arena {arena.name}: group {g.name} ({g.metric}): {n} entries, {budget}")
-  eta = sum(groups[e.group].budget_flops for e in todo) / THROUGHPUT.get(backend, 1e12) + \
+    log(f"arena {arena.name}: group {g.name} ({g.metric}): {n} entries x {arena.seeds} seed(s), {budget}")
+  eta = sum(groups[e.group].budget_flops for e, _ in todo) / THROUGHPUT.get(backend, 1e12) + \
       len(todo) * OVERHEAD_S.get(backend, 60.0)
-  log(f"arena {arena.name}: {len(arena.entries) - len(todo)} finished, {len(todo)} to run on {backend}; "
-      f"ETA ~{eta / 60:.0f} min (assumed {THROUGHPUT.get(backend, 1e12):.2g} FLOP/s; re-estimated per entry)")
+  log(f"arena {arena.name}: {len(runs) - len(todo)} runs finished, {len(todo)} to run on {backend}; "
+      f"ETA ~{eta / 60:.0f} min (assumed {THROUGHPUT.get(backend, 1e12):.2g} FLOP/s; re-estimated per run)")
   spent = {"flops": 0.0, "s": 0.0}
-  for i, entry in enumerate(todo):
+  for k, (entry, seed) in enumerate(todo):
     group = groups[entry.group]
     reason = check_family(entry.family)
     cfg = None
@@ -137,6 +149,8 @@ def run(arena, workdir, log=print):
         cfg = fit_budget(entry.build(workdir), group.budget_flops, arena.evals)
         if arena.power_w:
           cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, power_w=arena.power_w))
+        if seed:
+          cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + seed))
         if cfg.family != entry.family:
           raise config_lib.ConfigError(f"entry {entry.name}: builds family {cfg.family!r}, declared {entry.family!r}")
         config_lib.validate(cfg)
@@ -144,33 +158,58 @@ def run(arena, workdir, log=print):
         reason = f"config: {type(e).__name__}: {e}"
     if reason is not None:
       log(f"arena: {entry.name} is MISSING: {reason}")
-      done[entry.name] = {"name": entry.name, "group": entry.group, "family": entry.family, "status": "missing",
-                          "reason": reason, "note": entry.note}
+      done[entry.name, seed] = {"name": entry.name, "group": entry.group, "family": entry.family,
+                                "status": "missing", "reason": reason, "note": entry.note}
       continue
-    log(f"arena: [{i + 1}/{len(todo)}] {entry.name} ({entry.family}): {cfg.train.steps} steps of "
+    which = f" seed {cfg.train.seed}" if arena.seeds > 1 else ""
+    log(f"arena: [{k + 1}/{len(todo)}] {entry.name}{which} ({entry.family}): {cfg.train.steps} steps of "
         f"{flops_per_step(cfg):.3g} FLOPs")
     t0 = time.perf_counter()
     try:
-      done[entry.name] = train_entry(arena, entry, group, cfg, os.path.join(workdir, entry.name), log)
+      done[entry.name, seed] = train_entry(arena, entry, group, cfg, seed_dir(workdir, entry, seed), log)
     except loop.NonFiniteLoss as e:  # a diverged entry is a result too; the others still run
       log(f"arena: {entry.name} FAILED: {e}")
-      done[entry.name] = {"name": entry.name, "group": entry.group, "family": entry.family, "status": "failed",
-                          "reason": str(e), "note": entry.note}
+      done[entry.name, seed] = {"name": entry.name, "group": entry.group, "family": entry.family,
+                                "status": "failed", "reason": str(e), "note": entry.note}
       continue
     spent["s"] += time.perf_counter() - t0
-    spent["flops"] += done[entry.name]["flops"]
-    left = sum(groups[e.group].budget_flops for e in todo[i + 1:])
+    spent["flops"] += done[entry.name, seed]["flops"]
+    left = sum(groups[e.group].budget_flops for e, _ in todo[k + 1:])
     if left:
       rate = spent["flops"] / spent["s"]  # compilation, eval and decode timing included
       log(f"arena: {rate:.3g} FLOP/s so far, overheads included; ETA ~{left / rate / 60:.1f} min for the rest")
-  board = leaderboard.write(arena, [done[e.name] for e in arena.entries], workdir)
+  rows = [combine_seeds([done[e.name, i] for i in range(arena.seeds)], groups[e.group].metric)
+          for e in arena.entries]
+  board = leaderboard.write(arena, rows, workdir)
   log(leaderboard.markdown(board))
   return board
 
 
-def _read_result(workdir, entry):
-  path = os.path.join(workdir, entry.name, RESULT)
+def seed_dir(workdir, entry, seed):
+  return os.path.join(workdir, entry.name if seed == 0 else f"{entry.name}.seed{seed}")
+
+
+def _read_result(workdir, entry, seed=0):
+  path = os.path.join(seed_dir(workdir, entry, seed), RESULT)
   return json.load(open(path)) if os.path.exists(path) else None
+
+
+SCORES = {"bpb": "eval_bpb", "accuracy": "gen_acc"}
+
+
+def combine_seeds(results, metric):
+  """One leaderboard row from an entry's per-seed results (module docstring). A seed that is missing or failed
+  makes the whole entry so (the first such reason is kept)."""
+  bad = next((r for r in results if r["status"] != "done"), None)
+  if bad is not None or len(results) == 1:
+    return bad or results[0]
+  key = SCORES[metric]
+  row = dict(results[0])
+  values = [r[key] for r in results]
+  row["seed_scores"] = values
+  row[key], row[key + "_ci_low"], row[key + "_ci_high"] = leaderboard.mean_interval(values)
+  row["seeds"] = len(results)
+  return row
 
 
 def train_entry(arena, entry, group, cfg, run_dir, log=print):

@@ -25,6 +25,28 @@ def energy_axis_label(rows):
   return f"energy (kWh), ESTIMATED as stated power x wall time for {which}"
 
 
+def mean_interval(values, level=0.95):
+  """(mean, low, high): the t-interval of the mean; (mean, None, None) for fewer than two values."""
+  import numpy as np
+  from scipy import stats
+  x = np.asarray(values, np.float64)
+  m = float(x.mean())
+  if len(x) < 2:
+    return m, None, None
+  half = float(stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+  return m, m - half, m + half
+
+
+def paired_difference(row, above):
+  """{"mean", "low", "high", "significant"} of row's per-seed scores minus above's (paired: the same seed index
+  saw the same data order), or None without at least two seeds each."""
+  a, b = row.get("seed_scores"), above.get("seed_scores")
+  if not a or not b or len(a) != len(b) or len(a) < 2:
+    return None
+  m, lo, hi = mean_interval([x - y for x, y in zip(a, b)])
+  return {"mean": m, "low": lo, "high": hi, "significant": bool(lo > 0 or hi < 0)}
+
+
 def _key(metric):
   if metric == "bpb":
     return lambda r: r.get("eval_bpb", float("inf"))
@@ -37,13 +59,14 @@ def write(arena, rows, workdir):
   for g in arena.groups:
     mine = [r for r in rows if r["group"] == g.name]
     ranked = sorted((r for r in mine if r["status"] == "done"), key=_key(g.metric))
+    ranked = [r if i == 0 else {**r, "vs_above": paired_difference(r, ranked[i - 1])} for i, r in enumerate(ranked)]
     missing = [r for r in mine if r["status"] != "done"]
     groups.append({"name": g.name, "metric": g.metric, "budget_flops": g.budget_flops, "about": g.about,
                    "rows": ranked + missing})
   versions = loop.versions()
   host = f"{os.cpu_count()} CPU cores, {platform.machine()}"
   board = {"arena": arena.name, "device": f"{versions['device_kind']} x{versions['devices']} ({versions['backend']}; {host})",
-           "versions": versions, "groups": groups, "timing_fields": list(TIMING)}
+           "versions": versions, "groups": groups, "timing_fields": list(TIMING), "seeds": arena.seeds}
   board["plots"] = plot(board, workdir)
   metrics.write_json_atomic(os.path.join(workdir, "leaderboard.json"), board)
   tmp = os.path.join(workdir, "leaderboard.md.tmp")
@@ -79,6 +102,12 @@ def greedy_cell(row):
   return f"{acc:.3f}"
 
 
+def _seed_cell(row, key, fmt):
+  low, high = row.get(key + "_ci_low"), row.get(key + "_ci_high")
+  interval = "" if low is None else f" [{format(low, fmt)}, {format(high, fmt)}]"
+  return format(row[key], fmt) + interval
+
+
 def markdown(board):
   lines = [f"# Arena {board['arena']}", "",
            f"Device: {board['device']}; jax {board['versions']['jax']}, flax {board['versions']['flax']}. "
@@ -92,6 +121,10 @@ def markdown(board):
     acc = g["metric"] == "accuracy"
     score = ["answer acc (greedy)", "chance", "valid answers", "exact (teacher-forced)",
              "test FLOPs/answer"] if acc else ["bpb"]
+    seeds = board.get("seeds", 1)
+    if seeds > 1:
+      score[0] += f", mean [95% CI] of {seeds} seeds"
+      score.insert(1, "vs above (paired; * excludes 0)")
     head = ["#", "entry", "family", *score, "FLOPs", "x budget", "kWh", "J", "energy", "wall s", "decode tok/s",
             "XLA/analytic", "step MB", "params"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -104,7 +137,15 @@ def markdown(board):
                  _f(r.get("eval_exact"), ".3f"), _f(r.get("test_flops_per_answer"), ".3g")]
       else:
         bpb = f"{r['eval_bpb']:.4f}" + (f" ± {r['eval_bpb_se']:.4f}" if r.get("eval_bpb_se") else "")
-        cells = [("<= " if r.get("bound") else "") + bpb]
+        cells = [("<= " if r.get("bound") else "") + (_seed_cell(r, "eval_bpb", ".4f") if r.get("seed_scores")
+                                                      else bpb)]
+      if seeds > 1:
+        if acc and r.get("seed_scores"):
+          tag = greedy_cell(r).partition(" ")[2]  # "(at chance)", "(no valid answers)" or ""
+          cells[0] = _seed_cell(r, "gen_acc", ".3f") + (f" {tag}" if tag else "")
+        d = r.get("vs_above")
+        cells.insert(1, "" if not d else f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+                     + (" *" if d["significant"] else ""))
       mem = r.get("step_memory_bytes")
       lines.append("| " + " | ".join([
           str(i + 1), r["name"], r["family"] + (f" {r['pattern']}" if r.get("pattern") else ""), *cells,
