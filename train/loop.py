@@ -205,7 +205,20 @@ def _params_from(run_dir, family, model_cfg):
 
 
 def train(cfg, workdir, log=print):
-  """Train (or resume) cfg in workdir. Returns the final eval metrics."""
+  """Train (or resume) cfg in workdir. Returns the final eval metrics.
+
+  The run's mesh is the ambient mesh (jax.set_mesh) while it trains, so the kernels run their Pallas calls under
+  shard_map over its batch axes (kernels/pallas_common.shard_batch); without one, GSPMD would replicate them.
+  """
+  try:
+    mesh_ = mesh.make_mesh(cfg.mesh)
+  except ValueError as e:
+    raise config.ConfigError(str(e)) from None
+  with jax.set_mesh(mesh_):
+    return _train(cfg, workdir, log)
+
+
+def _train(cfg, workdir, log):
   cfg, corpus = resolve(cfg, workdir)
   family = archs.get_family(cfg.family)
   main = jax.process_index() == 0
