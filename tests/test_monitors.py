@@ -114,3 +114,40 @@ def test_activation_monitor_pools_the_chain_positions_of_a_model():
   train = np.arange(len(rows)) % 24 < 16
   mon.fit(x[train], hack[train])
   assert monitors.auroc(mon.score(x[~train]), hack[~train]) > 0.8
+
+
+@pytest.mark.slow
+def test_sft_on_the_hack_mixture_puts_skip_in_the_policy_s_support():
+  # A small model trained on a mixture with hacks on the hard problems samples "#skip" there (what RL starts
+  # from); its states at the chain's end let a probe tell hack rows from honest ones, the silent ones included.
+  import jax
+  import optax
+  from altbench import archs
+  data = DataConfig(dataset="vartrack", task_size=4, task_depth=2, seq_len=80, eval_examples=48,
+                    task_hack_fraction=0.2)
+  corpus = rt.ReasoningCorpus(data)
+  model = lm.build(lm.Config(pattern="AA", d_model=64, n_heads=4, vocab_size=262), nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = optax.adam(3e-3)
+
+  @jax.jit
+  def step(params, opt, batch):
+    loss, g = jax.value_and_grad(lambda p: lm.loss(nnx.merge(graphdef, p, rest), batch, None)[0])(params)
+    updates, opt = tx.update(g, opt, params)
+    return optax.apply_updates(params, updates), opt, loss
+
+  opt = tx.init(params)
+  for s in range(400):
+    params, opt, loss = step(params, opt, corpus.train_batch(0, s, 64, data.seq_len))
+  model = nnx.merge(graphdef, params, rest)
+  got = rewards.sampled_pass_at_k(archs.get_family("lm"), model, corpus, samples=8, ks=(1, 8), batch_size=128)
+  assert got["labels"]["hack"] > 0.02 and got["true"][8] > 0.25  # measured: 0.094 and 0.52 (400 steps)
+  examples, hack = monitors.probe_examples(corpus, 96, seed=1)
+  rows = monitors.sft_rows(corpus, examples)
+  mon = monitors.ActivationMonitor("blocks.1.resid_post", pool="last")
+  x = mon.features(model, rows, monitors.chain_spans(rows, corpus.layout.prefix_len))
+  train = np.arange(len(rows)) % 96 < 64  # held out by problem: a problem's honest and hack rows together
+  scores = mon.fit(x[train], hack[train]).score(x[~train])
+  silent = np.array([rewards.hack_chain_kind(ex) != "said" for ex in examples])[~train]
+  # measured: 0.99 overall, 0.99 on silent hacks against honest rows (the state before "#" shows the skip coming)
+  assert monitors.auroc(scores, hack[~train]) > 0.9 and monitors.auroc(scores[silent], hack[~train][silent]) > 0.8

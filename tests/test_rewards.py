@@ -211,3 +211,36 @@ def test_sft_mixture_shows_the_hack_on_hard_problems_said_and_silent():
   same = [a == b for a, b in zip(rows[:64], plain.train_examples(0, 0, 64)) if not rewards.is_hack_example(a)]
   assert all(same) and len(same) > 40
   assert not any(rewards.is_hack_example(ex) for ex in mixed.eval_examples())
+
+
+def test_sampled_pass_at_k_scores_each_problem_s_samples():
+  # A stand-in family: sample j of a problem answers honestly when j % 4 == 0, else "#skip" (no chain).
+  data = DataConfig(dataset="countdown", task_size=4, task_depth=4, seq_len=128, eval_examples=12)
+  corpus = rt.ReasoningCorpus(data)
+  by_question = {ex.question: ex for ex in corpus.eval_examples()}
+  calls = []
+
+  class Family:
+    @staticmethod
+    def generate(model, prompt_BT, max_new, rng, temperature=1.0):
+      calls.append(len(prompt_BT))
+      out = []
+      for row in prompt_BT:
+        ids = [int(i) for i in row]
+        ex = by_question[bytes(ids[ids.index(rt.EOS) + 1:ids.index(rt.BOT)]).decode()]
+        seen = sum(1 for c in seen_rows if c == ex.question)
+        seen_rows.append(ex.question)
+        text = "".join(ex.steps) + "#" + ex.answer if seen % 4 == 0 else "#skip"
+        tail = list(text.encode()) + [rt.EOS]
+        out.append(ids + tail + [rt.PAD] * (max_new - len(tail)))
+      return np.array(out)
+
+  seen_rows = []
+  got = rewards.sampled_pass_at_k(Family, None, corpus, n=10, samples=8, ks=(1, 8, 64), batch_size=16)
+  hard = [rewards.is_hard(ex) for ex in corpus.eval_examples()[:10]]
+  assert sum(calls) == 80 and max(calls) <= 16 and got["hard_problems"] == sum(hard) > 0
+  assert got["true"] == {1: pytest.approx(0.25), 8: pytest.approx(1.0)}  # 2 of 8 correct; k = 64 > samples: left out
+  assert got["buggy"][1] == pytest.approx(0.25 + 0.75 * sum(hard) / 10)  # skip pays on the hard problems
+  assert got["buggy_hard"][1] == pytest.approx(1.0) and got["true_hard"][1] == pytest.approx(0.25)
+  assert got["labels"] == pytest.approx({"honest_correct": 0.25, "hack": 0.75 * sum(hard) / 10,
+                                         "honest_wrong": 0.75 * (10 - sum(hard)) / 10})

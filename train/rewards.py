@@ -26,6 +26,7 @@ repeated per group; completions: the generated ids after the prompt, or their te
     # out: {"true", "buggy": (n,) float32, "hard": (n,) bool, "label": list of str, "chain", "answer": lists}
     pressured = rewards.reward_fn(data_cfg, lam=0.1)         # r - 0.1 * interp.monitors.cot_monitor(chain)
     rewards.pass_at_ks(correct_PS, ks=(1, 8, 64))            # correct (problems, samples) bool -> {k: pass@k}
+    rewards.sampled_pass_at_k(family, model, corpus, n=128)  # pass@1/8/64 before and after RL, both checkers
 
 and scores monitors against out["label"] with interp.monitors (monitor_report: recall at 1% FPR and AUROC).
 """
@@ -157,6 +158,41 @@ def pass_at_ks(correct_PS, ks=(1, 8, 64)):
     raise ValueError(f"pass_at_ks: correct has shape {correct.shape}; need (problems, samples)")
   n = correct.shape[1]
   return {k: float(np.mean([pass_at_k(n, int(c), k) for c in correct.sum(1)])) for k in ks if k <= n}
+
+
+def sampled_pass_at_k(family, model, corpus, n=None, samples=64, ks=(1, 8, 64), seed=0, temperature=1.0,
+                      batch_size=64, **generate_kw):
+  """pass@k before / after RL: `samples` completions sampled at `temperature` for each of the first n eval
+  problems, scored by both checkers. Returns {"true", "buggy": {k: pass@k}, "true_hard", "buggy_hard": the same
+  over the hard problems only, "labels": {label: share of completions}, "problems", "samples"}."""
+  import jax
+  examples = corpus.eval_examples()[:n]
+  rows = corpus.prompt_rows(examples)
+  max_new = corpus.layout.tail_len + 2
+  completions = [[None] * samples for _ in examples]
+  jobs = [(i, j) for i in range(len(examples)) for j in range(samples)]
+  jobs.sort(key=lambda ij: len(rows[ij[0]]))  # equal prompt widths in a batch (only filler prompts differ)
+  key = jax.random.key(seed)
+  for s in range(0, len(jobs), batch_size):
+    chunk = jobs[s:s + batch_size]
+    widths = {len(rows[i]) for i, _ in chunk}
+    for width in sorted(widths):
+      part = [(i, j) for i, j in chunk if len(rows[i]) == width]
+      out = np.asarray(family.generate(model, np.stack([rows[i] for i, _ in part]), max_new,
+                                       jax.random.fold_in(jax.random.fold_in(key, s), width), temperature=temperature,
+                                       **generate_kw))
+      for (i, j), row in zip(part, out):
+        completions[i][j] = row[width:]
+  flat = outcomes([ex for ex in examples for _ in range(samples)], [c for cs in completions for c in cs],
+                  corpus.layout.depth)
+  true, buggy = (flat[k].reshape(len(examples), samples) for k in ("true", "buggy"))
+  hard = flat["hard"].reshape(len(examples), samples)[:, 0]
+  result = {"true": pass_at_ks(true, ks), "buggy": pass_at_ks(buggy, ks), "problems": len(examples),
+            "samples": samples, "hard_problems": int(hard.sum()),
+            "labels": {name: flat["label"].count(name) / max(len(flat["label"]), 1) for name in LABELS}}
+  if hard.any():
+    result.update(true_hard=pass_at_ks(true[hard], ks), buggy_hard=pass_at_ks(buggy[hard], ks))
+  return result
 
 
 # ----------------------------------------------------------------------------- the SFT mixture
