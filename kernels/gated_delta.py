@@ -40,11 +40,13 @@ picks the algorithm:
   TPU; one sequential kernel per direction and (batch, head) carrying the state on chip. On a CPU backend
   they run in Pallas interpret mode (for tests; slow). Matmul operands stay in the input dtype (bf16 in,
   float32 accumulation), so for bf16 inputs it is not bit-for-bit the float32 math of the other paths.
-* ``"auto"``: ``"pallas"`` on a single GPU or TPU when ``gated_delta_pallas.supported`` accepts the call
-  (dk, dv <= 256; float32 / bf16 / fp16), the sequence is at least ``AUTO_PALLAS_MIN_LEN`` long and, on GPU,
-  the inputs are 16-bit (``tuning.pallas_dtype_pays``); otherwise ``"xla"``; always ``"xla"`` on CPU. (Not
-  yet measured on a GPU or TPU: experiments/bench/gated_delta.py --pallas has the comparison.) The
-  environment variable ALTBENCH_GATED_DELTA_AUTO=xla (or =pallas, =reference) overrides the choice.
+* ``"auto"``: ``"xla"`` for now. The rule is written (``"pallas"`` on a target in ``AUTO_PALLAS_TARGETS``, on
+  one device or under an ambient mesh, when ``gated_delta_pallas.supported`` accepts the call (dk, dv <= 256;
+  float32 / bf16 / fp16), the sequence is at least ``AUTO_PALLAS_MIN_LEN`` long and, on GPU, the inputs are
+  16-bit), but the target list stays empty until the kernels have been compiled and timed on a GPU / TPU
+  (experiments/bench/gated_delta.py --pallas; only interpret mode and export lowering have run). The
+  environment variable ALTBENCH_GATED_DELTA_AUTO=pallas (or =xla, =reference) overrides the choice.
+  Under a mesh in context the kernels run per device over its batch axes (``pallas_common.shard_batch``).
 
 Packed documents (``seq_idx``) follow kernels/ssd.py: the state is reset to zero wherever ``seq_idx``
 changes between consecutive positions, ``initial_state`` seeds only the leading document (the positions
@@ -76,7 +78,10 @@ from altbench.kernels.ssd import _document_ids, _segsum, _starts, scan_blocks
 IMPLS = ("auto", "reference", "xla", "pallas")
 # impl="auto" leaves short calls (decode-like) to XLA: a Pallas launch would mostly pad one chunk.
 AUTO_PALLAS_MIN_LEN = 16
-AUTO_PALLAS_TARGETS = ("gpu", "tpu")
+# Targets where auto may pick the kernels: none until they have been compiled and timed on the hardware (only
+# interpret mode and export lowering have run so far); ALTBENCH_GATED_DELTA_AUTO=pallas opts in. Add "gpu" /
+# "tpu" here once experiments/bench/gated_delta.py --pallas shows them faster there.
+AUTO_PALLAS_TARGETS = ()
 
 # Working-set budget for one block of chunks on CPU: one float32 (chunk x chunk) matrix per batch element,
 # head and chunk of the block, as kernels/ssd.py's XLA path (sized for a 2 MiB per-core L2).
@@ -138,10 +143,16 @@ def gated_delta(q, k, v, g, beta, *, scale=None, initial_state=None, return_fina
   if impl == "auto":
     impl = _auto_impl(q.shape, v.shape, jnp.result_type(q.dtype, k.dtype, v.dtype))
   if impl == "pallas":
-    from altbench.kernels import gated_delta_pallas  # imported here: gated_delta_pallas imports this module
-    return gated_delta_pallas.gated_delta_pallas(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                                                 return_final_state=return_final_state, seq_idx=seq_idx,
-                                                 chunk_size=chunk_size)
+    # imported here: gated_delta_pallas imports this module
+    from altbench.kernels import gated_delta_pallas, pallas_common
+
+    def kernel(q, k, v, g, beta, initial_state, seq_idx):
+      return gated_delta_pallas.gated_delta_pallas(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                                   return_final_state=return_final_state, seq_idx=seq_idx,
+                                                   chunk_size=chunk_size)
+
+    # every input has the batch first: split over the ambient mesh's batch axes (kernels/pallas_common.py)
+    return pallas_common.shard_batch(kernel, (q, k, v, g, beta, initial_state, seq_idx), (True,) * 7)
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
   return _gated_delta(q, k, v, g, beta, initial_state, seq_idx, scale=scale, chunk_size=int(chunk_size),
                       return_final_state=return_final_state, impl=impl)
@@ -152,9 +163,9 @@ def _auto_impl(q_shape, v_shape, dtype):
   forced = tuning.forced_impl("ALTBENCH_GATED_DELTA_AUTO")
   if forced:
     return forced
-  from altbench.kernels import gated_delta_pallas
+  from altbench.kernels import gated_delta_pallas, pallas_common
   target = gated_delta_pallas.backend_target()
-  if (target in AUTO_PALLAS_TARGETS and jax.device_count() == 1 and q_shape[1] >= AUTO_PALLAS_MIN_LEN
+  if (target in AUTO_PALLAS_TARGETS and pallas_common.sharded_ok() and q_shape[1] >= AUTO_PALLAS_MIN_LEN
       and gated_delta_pallas.supported(q_shape, v_shape, dtype) and tuning.pallas_dtype_pays(target, dtype)):
     return "pallas"
   return "xla"

@@ -218,6 +218,9 @@ def test_auto_dispatch_policy(monkeypatch):
     assert pick() == "xla"                                     # CPU default stays xla
   monkeypatch.setattr(jax, "device_count", lambda *a: 1)
   monkeypatch.setattr(gp, "backend_target", lambda backend=None: "gpu")
+  assert gd_module.AUTO_PALLAS_TARGETS == () and pick() == "xla"  # not on hardware before it has been measured
+  monkeypatch.setattr(gd_module, "AUTO_PALLAS_TARGETS", ("gpu", "tpu"))
+  monkeypatch.setattr(gp, "backend_target", lambda backend=None: "gpu")
   assert pick() == "pallas"
   assert pick(dtype=jnp.float32) == "xla"                      # float32 on GPU: off the tensor cores
   monkeypatch.setattr(gp, "backend_target", lambda backend=None: "tpu")
@@ -227,7 +230,7 @@ def test_auto_dispatch_policy(monkeypatch):
   assert pick(v=(1, 256, 4, 512)) == "xla"                     # dv > 256: unsupported
   assert pick(dtype=jnp.float64) == "xla"
   monkeypatch.setattr(jax, "device_count", lambda *a: 8)
-  assert pick() == "xla"                                       # sharded: not partitionable
+  assert pick() == "xla"                                       # several devices, no mesh in context
   monkeypatch.setattr(jax, "device_count", lambda *a: 1)
   monkeypatch.setenv("ALTBENCH_GATED_DELTA_AUTO", "xla")
   assert pick() == "xla"

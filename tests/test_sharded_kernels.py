@@ -3,7 +3,7 @@
 `test_eight_devices_match_one_device` runs this file as a script in a subprocess with 8 simulated CPU
 devices (the device count is fixed when JAX starts) and impl="pallas" (interpret mode), under
 `jax.set_mesh` of train/mesh.py's ("data", "fsdp") mesh:
-  * a hybrid "MA" LM (Mamba-2 then attention, packed documents so both kernels see segment ids), its
+  * a hybrid "MGA" LM (Mamba-2, Gated DeltaNet, attention; packed documents so every kernel sees segment ids), its
     parameters sharded as training shards them (fsdp=4) and the batch of 8 split over all 8 devices:
     loss and every parameter gradient against the same model on one device without a mesh;
   * the two ops alone on a batch of 4, which "fsdp" (4) cannot split after "data" (2): shard_map splits it
@@ -65,8 +65,8 @@ def _model_case(mesh):
   from altbench.archs import lm
   from altbench.train import mesh as mesh_lib
 
-  cfg = lm.Config(pattern="MA", d_model=32, n_heads=2, vocab_size=64, d_ff=64, d_state=16, ssm_headdim=16,
-                  chunk_size=16, attn_impl="pallas", ssm_impl="pallas")
+  cfg = lm.Config(pattern="MGA", d_model=32, n_heads=2, vocab_size=64, d_ff=64, d_state=16, ssm_headdim=16,
+                  chunk_size=16, attn_impl="pallas", ssm_impl="pallas", gdn_impl="pallas")
   graphdef, params, rest = nnx.split(lm.build(cfg, nnx.Rngs(0)), nnx.Param, ...)
   rng = np.random.default_rng(0)
   b, length = 8, 32
