@@ -18,8 +18,8 @@ from altbench.archs.layers import MLP, Attention, RMSNorm
 BLOCK_TYPES = {"A": "attention", "M": "Mamba-2", "G": "Gated DeltaNet",
                "P": "attention and Mamba-2 in parallel (Falcon-H1)"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ATTN_IMPLS = ("auto", "reference", "xla", "pallas")  # kernels.attention impls
-SSM_IMPLS = ("auto", "reference", "xla", "pallas")  # kernels.ssd impls
+ATTN_IMPLS = importlib.import_module("altbench.kernels.attention").IMPLS  # kernels.attention impls
+SSM_IMPLS = importlib.import_module("altbench.kernels.ssd").IMPLS  # kernels.ssd impls
 GDN_IMPLS = importlib.import_module("altbench.kernels.gated_delta").IMPLS  # kernels.gated_delta impls
 MULTIPLIERS = ("attn_in_multiplier", "attn_out_multiplier", "ssm_in_multiplier", "ssm_out_multiplier",
                "embed_multiplier", "logits_multiplier", "attn_key_multiplier", "mlp_gate_multiplier",

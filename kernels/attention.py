@@ -214,7 +214,7 @@ def cudnn_unsupported(q_shape, k_shape, dtype, *, mask=None, has_segment_ids=Fal
 
 def _auto_impl(q_shape, k_shape, mask, dtype, has_segment_ids=False, target=None):
   """What impl="auto" runs (module docstring). target: "gpu" / "tpu" / None (CPU); default from the backend."""
-  forced = tuning.forced_impl("ALTBENCH_ATTENTION_AUTO")
+  forced = tuning.forced_impl("ALTBENCH_ATTENTION_AUTO", ("xla", "pallas", "reference", "cudnn"))
   if forced:
     return forced
   target = _flash.backend_target() if target is None else target

@@ -34,12 +34,12 @@ DEFAULT_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned_
 _cache = {}
 
 
-def forced_impl(variable):
-  """The impl an environment variable (ALTBENCH_ATTENTION_AUTO, ALTBENCH_SSD_AUTO,
-  ALTBENCH_GATED_DELTA_AUTO) forces on impl="auto", or "" where it is unset."""
+def forced_impl(variable, valid=("xla", "pallas", "reference")):
+  """The impl an environment variable (ALTBENCH_ATTENTION_AUTO, ALTBENCH_SSD_AUTO, ALTBENCH_GATED_DELTA_AUTO)
+  forces on impl="auto", or "" where it is unset; `valid` lists what the op accepts."""
   forced = os.environ.get(variable, "")
-  if forced and forced not in ("xla", "pallas", "reference"):
-    raise ValueError(f"{variable}={forced!r}: expected xla, pallas or reference")
+  if forced and forced not in valid:
+    raise ValueError(f"{variable}={forced!r}: expected one of {', '.join(valid)}")
   return forced
 
 

@@ -102,8 +102,12 @@ def test_tune_command_writes_the_measured_choice(table, capsys):
 
 def test_forced_impl_names_the_variable_and_the_valid_values(monkeypatch):
   monkeypatch.setenv("ALTBENCH_SSD_AUTO", "triton")
-  with pytest.raises(ValueError, match=r"ALTBENCH_SSD_AUTO='triton'.*xla, pallas or reference"):
+  with pytest.raises(ValueError, match=r"ALTBENCH_SSD_AUTO='triton'.*xla, pallas, reference"):
     tuning.forced_impl("ALTBENCH_SSD_AUTO")
+  monkeypatch.setenv("ALTBENCH_ATTENTION_AUTO", "cudnn")  # attention has a fourth impl; the SSD has not
+  assert tuning.forced_impl("ALTBENCH_ATTENTION_AUTO", ("xla", "pallas", "reference", "cudnn")) == "cudnn"
+  with pytest.raises(ValueError, match="cudnn"):
+    tuning.forced_impl("ALTBENCH_ATTENTION_AUTO")
   monkeypatch.setenv("ALTBENCH_SSD_AUTO", "reference")
   assert tuning.forced_impl("ALTBENCH_SSD_AUTO") == "reference"
   monkeypatch.delenv("ALTBENCH_SSD_AUTO")
