@@ -15,7 +15,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "experiments", "results")
-READMES = (os.path.join(ROOT, "README.md"), os.path.join(RESULTS, "README.md"))
+READMES = (os.path.join(ROOT, "README.md"), os.path.join(RESULTS, "README.md"), os.path.join(RESULTS, "calibration.md"))
 
 
 def _read_json(name):
@@ -63,9 +63,53 @@ def decode_ratios(name):
   return "\n".join(lines)
 
 
+CALIBRATION = os.path.join(RESULTS, "calibration")
+VERDICTS = ("reproduced", "trend reproduced at reduced scale", "not reproduced")
+
+
+def calibration_rows():
+  """Every claim row of experiments/results/calibration/*.json (written by experiments/calibration/*.py), in file
+  order; a row that lacks a field of the schema raises ValueError naming the file."""
+  fields = ("paper", "source", "setting", "published", "ours", "seeds", "train_flops", "reduced", "verdict")
+  rows = []
+  for name in sorted(os.listdir(CALIBRATION)) if os.path.isdir(CALIBRATION) else []:
+    if not name.endswith(".json"):
+      continue
+    path = os.path.join(CALIBRATION, name)
+    with open(path) as f:
+      claims = json.load(f)
+    for i, row in enumerate(claims if isinstance(claims, list) else claims.get("claims", [])):
+      missing = [k for k in fields if k not in row]
+      if missing or row["verdict"] not in VERDICTS:
+        raise ValueError(f"{path}: claim {i} lacks {missing} or has verdict {row.get('verdict')!r} "
+                         f"(valid: {VERDICTS})")
+      rows.append({**row, "file": name})
+  return rows
+
+
+def _ours(o):
+  if o.get("ci") and o["ci"][0] is not None:
+    return f"{o['mean']:.3g} [{o['ci'][0]:.3g}, {o['ci'][1]:.3g}]"
+  return f"{o['mean']:.3g}"
+
+
+def calibration_table():
+  """One row per claim: paper and source, setting, published, ours (mean [95% CI]), seeds, FLOPs, reduced, verdict."""
+  lines = ["| paper | source | setting | published | ours, mean [95% CI] | seeds | training FLOPs | reduced | verdict |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for r in calibration_rows():
+    flops = f"{r['train_flops']:.3g}" if isinstance(r["train_flops"], (int, float)) else str(r["train_flops"])
+    lines.append(f"| {r['paper']} | {r['source']} | {r['setting']} | {r['published']} | {_ours(r['ours'])} | "
+                 f"{r['seeds']} | {flops} | {r['reduced']} | **{r['verdict']}** |")
+  if len(lines) == 2:
+    lines.append("| (no calibration results committed yet) | | | | | | | | |")
+  return "\n".join(lines)
+
+
 TABLES = {
     "arena-cpu": lambda: arena_text_group("arena_cpu"),
     "decode-cpu": lambda: decode_ratios("decode_cpu.jsonl"),
+    "calibration": calibration_table,
 }
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(\n<!-- /table:(?P=name) -->)", re.S)
 

@@ -1,6 +1,7 @@
 """Generated README tables equal what their committed raw files give (experiments/tables.py)."""
 
 import importlib.util
+import json
 import os
 
 import pytest
@@ -35,3 +36,16 @@ def test_a_changed_number_is_caught():
   assert edited != text and tables.render(edited) == text
   with pytest.raises(KeyError, match="no-such"):
     tables.render("<!-- table:no-such -->\nx\n<!-- /table:no-such -->")
+
+
+def test_calibration_rows_follow_the_schema(tmp_path, monkeypatch):
+  tables = _tables()
+  monkeypatch.setattr(tables, "CALIBRATION", str(tmp_path))
+  row = {"paper": "P", "source": "Table 1", "setting": "s", "published": "0.9", "seeds": 3, "train_flops": 1e12,
+         "ours": {"mean": 0.5, "ci": [0.4, 0.6], "per_seed": [0.4, 0.5, 0.6]}, "reduced": "width",
+         "verdict": "not reproduced"}
+  (tmp_path / "p.json").write_text(json.dumps([row]))
+  assert "| P | Table 1 | s | 0.9 | 0.5 [0.4, 0.6] | 3 | 1e+12 | width | **not reproduced** |" in tables.calibration_table()
+  (tmp_path / "q.json").write_text(json.dumps([{**row, "verdict": "close enough"}]))
+  with pytest.raises(ValueError, match="q.json"):
+    tables.calibration_table()
