@@ -23,7 +23,14 @@
 #   6. 124M hybrid train step at L=4K, pallas vs xla, MFU               -> bench_hybrid_step.jsonl
 #   7. (runs after 2) SSD at the hybrid's layer shape (b1, h24, L4K, one document in seq_idx): float32 inputs
 #      (pallas) against bf16 inputs (pallas, xla)                       -> bench_ssd_layer.jsonl
-# STAGES (default 2,3,4,5,6) picks the stages after the install. Measured on an H100 (2026-11-26): stage 2
+#   8. Gated DeltaNet, pallas vs xla fwd+bwd, bf16, b1 h16 dk=dv=128 at L 4K and 16K (the kernels have never
+#      been compiled on hardware: kernels.gated_delta's auto stays xla until this shows them faster)
+#                                                                       -> bench_gated_delta.jsonl
+#   9. the 124M hybrid's step at batch 8 x L 2048, bf16, MFU (issue 26's target >= 35%)
+#                                                                       -> bench_hybrid_step_b8.jsonl
+# STAGES (default 2,3,4,5,6) picks the stages after the install; the next GPU session should run
+#   STAGES=2,8,4,5,9 TESTS_BEHIND=1 bash experiments/bench/gpu_check.sh
+# first (the unmeasured kernels: Gated DeltaNet, cuDNN vs flash, the tuning table with attention_gpu_impl, MFU). Measured on an H100 (2026-11-26): stage 2
 # ~100-120 s, 7 ~70 s, 3 ~130 s per length at 8K (compiles of 38-51 s), 6 ~200 s (its XLA step compiled in
 # 165 s before the XLA attention path's unrolled blocks were capped). One call is limited to 10 minutes and a
 # session's device time to 15: run the stages you need, narrowed with the variables below, e.g.
@@ -42,6 +49,7 @@ ATTN_TIMEOUT="${ATTN_TIMEOUT:-150}"
 TUNE_TIMEOUT="${TUNE_TIMEOUT:-150}"
 HYBRID_TIMEOUT="${HYBRID_TIMEOUT:-240}"
 LAYER_TIMEOUT="${LAYER_TIMEOUT:-120}"
+GDN_TIMEOUT="${GDN_TIMEOUT:-200}"
 STAGES="${STAGES:-2,3,4,5,6}"
 want() { [[ ",$STAGES," == *",$1,"* ]]; }
 TEST_RC=0
@@ -68,6 +76,7 @@ cat "$OUT_DIR/env.json" | tee -a "$OUT_DIR/gpu_check.log"
 
 tests() {
   timeout "$TEST_TIMEOUT" "$PY" -m pytest -m gpu tests/test_ssd_pallas.py tests/test_flash_attention.py \
+    tests/test_gated_delta_pallas.py tests/test_attention.py \
     -q -rs -p no:cacheprovider --durations=15 --junitxml="$OUT_DIR/pytest_gpu.xml" \
     > "$OUT_DIR/pytest_gpu.log" 2>&1
   local rc=$?
@@ -125,6 +134,19 @@ log "stage 6: 124M hybrid train step at L=4K, pallas vs xla, MFU (timeout ${HYBR
 ALTBENCH_KERNEL_TABLE="$OUT_DIR/tuned_blocks.json" timeout "$HYBRID_TIMEOUT" "$PY" experiments/bench/hybrid_step.py ${HYBRID_ARGS:-} \
   > "$OUT_DIR/bench_hybrid_step.jsonl" 2>> "$ERR"
 log "hybrid step exit status $? ($(wc -l < "$OUT_DIR/bench_hybrid_step.jsonl") lines)"
+fi
+if want 8; then
+log "stage 8: Gated DeltaNet pallas vs xla (timeout ${GDN_TIMEOUT}s)"
+timeout "$GDN_TIMEOUT" "$PY" experiments/bench/gated_delta.py --lengths 4096 --ref-lengths 256 --repeats 5 \
+  --pallas on --pallas-lengths "${GDN_LENGTHS:-4096,16384}" > "$OUT_DIR/bench_gated_delta.jsonl" 2>> "$ERR"
+log "gated delta benchmark exit status $? ($(wc -l < "$OUT_DIR/bench_gated_delta.jsonl") lines)"
+fi
+
+if want 9; then
+log "stage 9: 124M hybrid train step at batch 8 x L 2048, MFU (timeout ${HYBRID_TIMEOUT}s)"
+ALTBENCH_KERNEL_TABLE="$OUT_DIR/tuned_blocks.json" timeout "$HYBRID_TIMEOUT" "$PY" experiments/bench/hybrid_step.py \
+  --batch 8 --length 2048 --impls pallas > "$OUT_DIR/bench_hybrid_step_b8.jsonl" 2>> "$ERR"
+log "hybrid step (b8) exit status $? ($(wc -l < "$OUT_DIR/bench_hybrid_step_b8.jsonl") lines)"
 fi
 log "done; results in $OUT_DIR"
 exit "$TEST_RC"
