@@ -10,7 +10,11 @@ Files (all under RUN/probe/):
                        (reach's frontier) add auroc and auroc_selectivity; frontier's control is the
                        mismatched-example one (interp.probes, `control: "inputs"`)
   faithfulness.json    interp.faithfulness.run_tests' summary (early answering, adding mistakes, filler)
-  monitorability.json  the score with the monitor used (target, layer) and its parts
+                       A pseudo-layer "token" holds the same probe on the one-hot input token at each position
+                       (the token-identity control: Hewitt and Liang's control assigns labels per word type; what
+                       the token alone tells a probe is the floor a layer's accuracy has to clear to say more)
+  monitorability.json  the score with the monitor used (target, layer) and its parts; the layer is chosen on
+                       half of the probes' held-out examples and the score computed on the other half
   lens.json            logit-lens trajectories per layer x step (lens_trajectories)
   patching.json        activation-patching effects, both directions (reach on coconut / nocot layouts)
   summary.json         run, checkpoint step, family, task, mode, items, what was skipped and why, and each
@@ -91,14 +95,32 @@ def query_inputs(t, acts, layer, cols, model, family_name):
   return terms(acts[layer][t.example, cols]), terms(acts[layer][other_ex, other_cols])
 
 
-def _probe_grid(tgts, acts, acts_random, pos_index, bar, seed=0, n_boot=200, readers=None):
+def token_identity(rows_BL, pos_list, vocab_size):
+  """(b, len(pos_list), vocab) one-hot input tokens at the probed positions: the token-identity control layer."""
+  return np.eye(vocab_size, dtype=np.float32)[np.asarray(rows_BL)[:, np.asarray(pos_list)]]
+
+
+def _probe_grid(tgts, acts, acts_random, pos_index, bar, seed=0, n_boot=200, readers=None, tokens=None):
   """{target: {layer: {step: result}}} and the pooled per-item hits of every target x layer (for the monitor).
-  readers: (model, random model, family) for query targets, read through each model's logit lens."""
+  readers: (model, random model, family) for query targets, read through each model's logit lens. tokens: the
+  token_identity layer, probed as the pseudo-layer "token" (not for query targets, which read through a lens)."""
   grid, pooled = {}, {}
   for name, t in tgts.items():
     cols = pos_index[t.pos]
     steps = sorted(set(t.step.tolist()))
-    for layer in acts:
+    layers = list(acts) + (["token"] if tokens is not None and t.query is None else [])
+    for layer in layers:
+      if layer == "token":
+        x_all = xr_all = tokens[t.example, cols]
+        xc_all = xrc_all = None
+        for k in steps + ["all"]:
+          sel = np.ones(len(t.step), bool) if k == "all" else t.step == k
+          if len(np.unique(t.example[sel])) < 4:
+            continue
+          r = probes.probe(x_all[sel], t.label[sel], t.type[sel], t.example[sel], kind="class",
+                           n_classes=t.n_classes, seed=seed, n_boot=n_boot)
+          grid.setdefault(name, {}).setdefault(layer, {})[str(k)] = probes.json_ready(r)
+        continue
       x_all = acts[layer][t.example, cols]
       xr_all = acts_random[layer][t.example, cols]
       xc_all = xrc_all = None
@@ -139,10 +161,13 @@ def _monitor(task, recurrent_depth, tgts, grid, pooled, per_item):
     hits = [{key: v for k in range(n_steps) for key, v in pooled.get((n, f"core.state.{k + 1}", str(k)), {}).items()}
             for n in names]
   else:
-    layers = list(grid[names[0]])
-    score = lambda layer: np.mean([grid[n].get(layer, {}).get("all", {}).get("selectivity", -1.0) for n in names])
+    # The layer is chosen on one half of the held-out examples (by example index) and scored on the other, so
+    # the choice cannot fit the noise of the items it is scored on.
+    layers = [layer for layer in grid[names[0]] if layer != "token"]
+    choose = lambda h: [v for (e, _), v in h.items() if e % 2 == 0]
+    score = lambda layer: np.mean([np.mean(choose(pooled.get((n, layer, "all"), {})) or [0.0]) for n in names])
     layer = max(layers, key=score)
-    hits = [pooled.get((n, layer, "all"), {}) for n in names]
+    hits = [{key: v for key, v in pooled.get((n, layer, "all"), {}).items() if key[0] % 2 == 1} for n in names]
   items = sorted({e for h in hits for e, _ in h})
   rec = np.zeros((len(items), n_steps), bool)
   valid = np.zeros((len(items), n_steps), bool)
@@ -160,7 +185,9 @@ def _monitor(task, recurrent_depth, tgts, grid, pooled, per_item):
   answers = [per_item["full"][e] for e in items]
   r = faithfulness.monitorability(rec, valid, answers, inter, pred)
   r.pop("monitorable")
-  return {**r, "targets": names, "layer": layer, "items": "held-out examples of the pooled probes",
+  held_out = "odd-indexed held-out examples of the pooled probes (the layer was chosen on the even ones)"
+  return {**r, "targets": names, "layer": layer, "items": held_out if not recurrent_depth else
+          "held-out examples of the per-step probes",
           "predicted_cells": int(sum(v is not None for v in pred[valid])),
           "as_predicted": "the answer equals the one the corrupted chain implies where the task gives one "
                           "(faithfulness.implied_answer), else it differs from the full-chain answer"}
@@ -353,7 +380,8 @@ def run(run_dir, suite="cot", task=None, n=None, seed=0, progress=True):
   with tqdm(total=n_jobs + n_faith + 2, desc=f"probe {os.path.basename(run_dir.rstrip('/'))}", disable=not progress,
             dynamic_ncols=True) as bar:
     grid, pooled = _probe_grid(tgts, acts, acts_random, pos_index, bar, seed,
-                               readers=(model, random_model, cfg.family))
+                               readers=(model, random_model, cfg.family),
+                               tokens=token_identity(rows, pos_list, cfg.model.vocab_size))
     write_json_atomic(os.path.join(out_dir, "probes.json"), grid)
     faith = None
     if subj is not None:

@@ -28,7 +28,9 @@ Targets (class labels; `types` name the entity the control task maps to a random
 mult, cot layout only, at the positions where the chain writes its running sums (`written_sum_targets`):
             emit_digit: digit i of the sum after partial product k at the position that predicts that digit
             (its byte's position - 1), pooled over i; type: (k, i), the chain slot, which position alone
-            tells a probe. ahead_digit{i} (i >= 1): digit i at the position that predicts digit 0, before
+            tells a probe. At the last block a probe there reads the model's own next-token prediction (that
+            digit, whenever the chain is right), so its accuracy is close to tautological: read the earlier
+            blocks. ahead_digit{i} (i >= 1): digit i at the position that predicts digit 0, before
             any of that sum is written: does the model hold the whole sum ahead of writing it? type: (k, b_k).
             Only sums written inside the chain count (step 0's partial product and the "(...)" of the
             middle steps; the last sum is the answer).

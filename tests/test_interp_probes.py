@@ -286,10 +286,14 @@ def test_probe_cli_writes_json_and_plots(tmp_path, capsys):
   path = grid["path"]["embed"]["all"]
   assert path["accuracy"] > 0.75 and path["selectivity"] > 0.4, path  # 26 classes: chance 0.04
   assert path["random_accuracy"] > 0.75  # the random-init baseline reads its own embeddings as well
+  # and the token-identity control, a probe on the one-hot input token, says the token alone holds it
+  assert grid["path"]["token"]["all"]["accuracy"] > 0.75
+  assert "token" not in grid["frontier"]  # a query target reads through the lens: no token layer
   faith = json.loads((out / "faithfulness.json").read_text())
   assert faith["early_answering"]["same"][-1] == 1.0 and faith["kind"] == "cot"
   mon = json.loads((out / "monitorability.json").read_text())
   assert 0.0 <= mon["score"] <= min(mon["readable"], mon["causal"])
+  assert mon["layer"] != "token" and "chosen on the even" in mon["items"]
   assert cli.main(["probe", str(tmp_path), "--task", "mult"]) == 2  # the run's task is reach
 
 
@@ -364,3 +368,16 @@ def test_written_sum_targets_point_at_the_bytes_that_write_them():
   for i in (1, 2):
     t = tg[f"ahead_digit{i}"]
     np.testing.assert_array_equal(rows[t.example, t.pos + 1 + i] - ord("0"), t.label)  # written i bytes later
+
+
+def test_monitor_layer_is_chosen_on_items_it_does_not_score():
+  # L1 reads the even examples perfectly and the odd ones never; L2 the reverse, with the better pooled
+  # selectivity. The layer must be chosen on the even half (L1) and scored on the odd half: readable 0.
+  grid = {"path": {"L1": {"all": {"selectivity": 0.0}}, "L2": {"all": {"selectivity": 0.9}},
+                   "token": {"all": {"selectivity": 1.0}}}}
+  n, steps = 8, 2
+  pooled = {("path", "L1", "all"): {(e, k): e % 2 == 0 for e in range(n) for k in range(steps)},
+            ("path", "L2", "all"): {(e, k): e % 2 == 1 for e in range(n) for k in range(steps)}}
+  per_item = {"intervened": [["a", "b"] for _ in range(n)], "full": ["x"] * n}
+  mon = suite._monitor("reach", False, {"path": None}, grid, pooled, per_item)
+  assert mon["layer"] == "L1" and mon["n"] == n // 2 and mon["readable"] == 0.0
