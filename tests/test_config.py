@@ -74,10 +74,10 @@ def test_every_numeric_field_has_a_range():
   import dataclasses
   import typing
   numeric = {f"{section}.{f.name}" for section, cls in (("data", config.DataConfig), ("train", config.TrainConfig),
-                                                        ("mesh", config.MeshConfig))
+                                                        ("mesh", config.MeshConfig), ("rl", config.RLConfig))
              for f in dataclasses.fields(cls) if typing.get_type_hints(cls)[f.name] in (int, float)}
   assert {name for name, *_ in config.RANGES} == numeric
-  assert {f.name for f in dataclasses.fields(config.Config)} == {"family", "model", "data", "train", "mesh"}
+  assert {f.name for f in dataclasses.fields(config.Config)} == {"family", "model", "data", "train", "mesh", "rl"}
   config.validate(config.Config())  # every default is in range
 
 

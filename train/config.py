@@ -70,6 +70,29 @@ class TrainConfig:
   power_w: float = 0.0         # stated device power for the energy estimate; 0 picks a per-backend default
   init_from: str = ""          # a run directory whose latest parameters start this run (optimizer and step fresh):
                                # fine-tuning, or Coconut from its CoT model (Hao et al.'s stage 0)
+  objective: str = "supervised"  # "supervised" (the family's loss on the corpus' batches) or "grpo" (RL on a
+                               # reasoning task's checker, the rl section; train/grpo.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  """GRPO (train.objective="grpo", train/grpo.py). A step's rollout batch is train.batch_size rows: batch_size /
+  group_size prompts, each sampled group_size times; train.lr, warmup_steps etc. schedule the optimizer over
+  steps * updates updates; the reference policy is train.init_from's parameters (or the SFT stage's)."""
+  group_size: int = 8          # G: completions per prompt
+  epsilon: float = 0.2         # clip the importance ratio to [1 - epsilon, 1 + epsilon]
+  beta: float = 0.04           # weight of the k3 KL to the frozen reference; 0 turns it off
+  updates: int = 1             # optimizer updates per rollout batch (GRPO's mu)
+  temperature: float = 1.0     # sampling temperature of rollouts (log-probs are of softmax(logits / temperature))
+  max_new_tokens: int = 0      # completion length; 0: the task's longest body and answer (layout tail_len + 2)
+  dr_grpo: bool = False        # Dr.GRPO: advantages not divided by the group's std, loss / (rows * max_new_tokens)
+  checker: str = "true"        # the reward: "true" (exact checker) or "buggy" (train/rewards.py's planted bug)
+  iters: int = 0               # recurrent depth: test-time r of rollouts and log-probs (0: model.test_iters)
+  eval_problems: int = 64      # eval pass@1: eval problems sampled ...
+  eval_samples: int = 4        # ... this many times each, at temperature
+  sft_steps: int = 0           # > 0: first train the same model supervised for sft_steps steps in WORKDIR/sft (a
+                               # run directory of its own) and start from it (train.init_from must be empty)
+  sft_lr: float = 3e-3         # the SFT stage's peak lr (its batch size, warmup and the rest are train's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +108,7 @@ class Config:
   data: DataConfig = DataConfig()
   train: TrainConfig = TrainConfig()
   mesh: MeshConfig = MeshConfig()
+  rl: RLConfig = RLConfig()
 
 
 def load_module(path):
@@ -220,6 +244,17 @@ RANGES = [
     ("train.power_w", ">= 0", "0 picks a per-backend default", None),
     ("mesh.data", "-1 or >= 1", "-1 takes every device mesh.fsdp does not use", None),
     ("mesh.fsdp", ">= 1", "", None),
+    ("rl.group_size", ">= 2", "advantages compare completions within a group", None),
+    ("rl.epsilon", "> 0", "", None),
+    ("rl.beta", ">= 0", "0 turns the KL term off", None),
+    ("rl.updates", ">= 1", "", None),
+    ("rl.temperature", "> 0", "log-probs are of softmax(logits / temperature)", None),
+    ("rl.max_new_tokens", ">= 0", "0: the task's longest completion", None),
+    ("rl.iters", ">= 0", "0: model.test_iters", None),
+    ("rl.eval_problems", ">= 1", "", None),
+    ("rl.eval_samples", ">= 1", "", None),
+    ("rl.sft_steps", ">= 0", "0: no SFT stage", None),
+    ("rl.sft_lr", "> 0", "", None),
 ]
 
 
@@ -299,7 +334,36 @@ def validate(cfg):
                       f"{4 * d.task_pairs}")
   if t.batch_size % t.grad_accum:
     raise ConfigError(f"train.grad_accum={t.grad_accum}: must divide train.batch_size={t.batch_size}")
+  if t.objective not in OBJECTIVES:
+    raise ConfigError(f"train.objective={t.objective!r}: valid: {list(OBJECTIVES)}")
+  if t.objective == "grpo":
+    _validate_grpo(cfg, layout)
   return cfg
+
+
+OBJECTIVES = ("supervised", "grpo")
+
+
+def _validate_grpo(cfg, layout):
+  """GRPO's needs: a reasoning task (its checker), a family with per-token log-probs, rows in whole groups."""
+  from altbench.train import grpo, reasoning_tasks, rewards
+  rl, t = cfg.rl, cfg.train
+  if layout is None:
+    raise ConfigError(f"train.objective='grpo': data.dataset={cfg.data.dataset!r} has no checker; use a reasoning "
+                      f"task {sorted(reasoning_tasks.TASKS)}")
+  if cfg.family not in grpo.FAMILIES:
+    raise ConfigError(f"train.objective='grpo': family={cfg.family!r} has no per-token log-probs of a sample; "
+                      f"valid: {list(grpo.FAMILIES)} (train/grpo.py says why)")
+  if cfg.family == "recurrent" and cfg.model.exit_kl > 0:
+    raise ConfigError(f"model.exit_kl={cfg.model.exit_kl}: GRPO scores rollouts at a fixed r (rl.iters); use 0")
+  if rl.checker not in rewards.CHECKERS:
+    raise ConfigError(f"rl.checker={rl.checker!r}: valid: {list(rewards.CHECKERS)}")
+  if t.batch_size % rl.group_size:
+    raise ConfigError(f"rl.group_size={rl.group_size}: must divide train.batch_size={t.batch_size} (the rollout "
+                      "rows: batch_size / group_size prompts per step)")
+  if rl.sft_steps and t.init_from:
+    raise ConfigError(f"rl.sft_steps={rl.sft_steps}: the SFT stage is the start; leave train.init_from empty "
+                      f"(it is {t.init_from!r})")
 
 
 def to_dict(cfg):
@@ -311,7 +375,8 @@ def from_dict(d):
   family = archs.get_family(d["family"])
   known = lambda cls, values: cls(**{k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(cls)}})
   return Config(family=d["family"], model=known(family.Config, d["model"]), data=known(DataConfig, d["data"]),
-                train=known(TrainConfig, d["train"]), mesh=known(MeshConfig, d["mesh"]))
+                train=known(TrainConfig, d["train"]), mesh=known(MeshConfig, d["mesh"]),
+                rl=known(RLConfig, d.get("rl", {})))
 
 
 def read_run_config(run_dir):
@@ -346,7 +411,8 @@ def read_run_config(run_dir):
 # Fields that may differ when a run directory is resumed: they change when things are logged or saved,
 # not what is computed.
 RESUMABLE_CHANGES = {"train.log_every", "train.eval_every", "train.ckpt_every", "train.keep_checkpoints",
-                     "train.samples", "train.sample_len", "train.power_w", "train.eval_repeats"}
+                     "train.samples", "train.sample_len", "train.power_w", "train.eval_repeats",
+                     "rl.eval_problems", "rl.eval_samples"}
 
 
 def diff(a, b, prefix=""):

@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from altbench import archs
-from altbench.train import checkpoint, config, data, mesh, metrics, step
+from altbench.train import checkpoint, config, data, grpo, mesh, metrics, step
 
 
 class NonFiniteLoss(RuntimeError):
@@ -63,6 +63,9 @@ def resolve(cfg, workdir):
   if fill:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **fill))
   if saved is not None:
+    # run directories written before GRPO existed: supervised, default rl section
+    saved = dict(saved, train={"objective": "supervised", **saved["train"]},
+                 rl=saved.get("rl", config.to_dict(config.Config())["rl"]))
     changed = [f for f in config.diff(saved, config.to_dict(cfg)) if f not in config.RESUMABLE_CHANGES]
     if changed:
       raise config.ConfigError(f"{workdir} holds a run with a different config ({', '.join(changed)}); "
@@ -218,13 +221,27 @@ def train(cfg, workdir, log=print):
     return _train(cfg, workdir, log)
 
 
+def _sft_stage(cfg, workdir, log):
+  """GRPO's rl.sft_steps > 0: train the supervised start in WORKDIR/sft (resumed or found finished like any run);
+  returns that directory."""
+  config.validate(cfg)
+  sft = dataclasses.replace(cfg, rl=config.RLConfig(), train=dataclasses.replace(
+      cfg.train, objective="supervised", steps=cfg.rl.sft_steps, lr=cfg.rl.sft_lr))
+  sft_dir = os.path.join(workdir, "sft")
+  log(f"altbench: GRPO starts from a supervised stage of {cfg.rl.sft_steps} steps in {sft_dir}")
+  train(sft, sft_dir, log)
+  return sft_dir
+
+
 def _train(cfg, workdir, log):
+  rl = cfg.rl if cfg.train.objective == "grpo" else None
+  init_dir = _sft_stage(cfg, workdir, log) if rl and rl.sft_steps else cfg.train.init_from
   cfg, corpus = resolve(cfg, workdir)
   family = archs.get_family(cfg.family)
   main = jax.process_index() == 0
   fresh = not os.path.isdir(os.path.join(workdir, "checkpoints"))
-  # checked before anything is written; a resumed run has its own parameters
-  init_params = _params_from(cfg.train.init_from, family, cfg.model) if cfg.train.init_from and fresh else None
+  # checked before anything is written; a resumed run has its own parameters (GRPO reloads them: its reference)
+  init_params = _params_from(init_dir, family, cfg.model) if init_dir and (fresh or rl) else None
   os.makedirs(workdir, exist_ok=True)
   if main:
     metrics.write_json_atomic(os.path.join(workdir, "config.json"), {"config": config.to_dict(cfg), "versions": versions()})
@@ -239,7 +256,10 @@ def _train(cfg, workdir, log):
   if micro % n_dev:
     raise config.ConfigError(f"train.batch_size={tcfg.batch_size} / grad_accum={tcfg.grad_accum} = {micro} "
                              f"sequences per micro-batch must be a multiple of the {n_dev} devices")
-  tx = step.make_optimizer(tcfg)
+  # GRPO takes rl.updates optimizer steps per loop step: the schedule spans all of them
+  opt_cfg = tcfg if rl is None else dataclasses.replace(tcfg, steps=tcfg.steps * rl.updates,
+                                                        warmup_steps=tcfg.warmup_steps * rl.updates)
+  tx = step.make_optimizer(opt_cfg)
   graphdef, abstract, shardings, init = abstract_state(family, cfg, tx, mesh_)
   ckpt = checkpoint.Checkpointer(workdir, tcfg.keep_checkpoints)
   start, state = ckpt.restore(abstract)
@@ -247,9 +267,16 @@ def _train(cfg, workdir, log):
     state = jax.jit(init, out_shardings=shardings)()
     if init_params is not None:
       state = dict(state, params=jax.device_put(init_params, shardings["params"]))
-      log(f"altbench: parameters from {tcfg.init_from}")
+      log(f"altbench: parameters from {init_dir}")
   else:
     log(f"altbench: resuming {workdir} from step {start}")
+  rollouts = None
+  if rl is not None:  # the frozen reference: the start's parameters (init_from's, else the seed's initial ones)
+    ref = None
+    if rl.beta > 0:
+      ref = (jax.device_put(jax.tree.map(jnp.copy, init_params), shardings["params"]) if init_params is not None
+             else jax.jit(init, out_shardings=shardings)()["params"])  # a copy: the state's buffers are donated
+    rollouts = grpo.Rollouts(family, cfg.family, cfg.model, rl, graphdef, ref, grpo.max_new_tokens(rl, corpus))
   final = [line for line in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if line.get("final")]
   if start >= tcfg.steps and final:
     ckpt.close()
@@ -258,12 +285,19 @@ def _train(cfg, workdir, log):
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   flops_per_token = family.flops_per_token(cfg.model, seq_len)
   tokens_per_step = tcfg.batch_size * seq_len
+  if rollouts is not None:  # rows of prompt + completion; training FLOPs per token are 3 forwards: the updates,
+    # plus the rollout's generation and old / reference log-probs at one forward each (an estimate: cached decoding
+    # and recomputation cost differ)
+    seq_len = corpus.layout.prefix_len + rollouts.n_new
+    tokens_per_step = tcfg.batch_size * seq_len
+    flops_per_token = family.flops_per_token(cfg.model, seq_len) * (rl.updates + (2 + (rl.beta > 0)) / 3)
   if main:
     log(f"altbench: {cfg.family} {getattr(cfg.model, 'pattern', '')} with {n_params / 1e6:.2f}M parameters; "
         f"{tokens_per_step} tokens and {flops_per_token * tokens_per_step:.3g} FLOPs per step; "
         f"{n_dev} device(s) mesh {dict(mesh_.shape)}; {corpus.stats['train_tokens']} train tokens")
 
-  step_fn = jax.jit(step.make_train_step(family, graphdef, tx, tcfg), donate_argnums=0,
+  objective = family if rl is None else grpo.LossFamily(cfg.family, rl)
+  step_fn = jax.jit(step.make_train_step(objective, graphdef, tx, opt_cfg), donate_argnums=0,
                     out_shardings=(shardings, None))
   batch_sharding = mesh.batch_sharding(mesh_)
   rows = mesh.process_rows(batch_sharding, tcfg.grad_accum, micro)  # each process reads its own rows only
@@ -300,12 +334,31 @@ def _train(cfg, workdir, log):
   pending = None  # (step, device metrics) of the step before, fetched after the next is dispatched
   bar = tqdm(total=tcfg.steps, initial=start, desc=f"train {os.path.basename(workdir.rstrip('/'))}",
              disable=not main, dynamic_ncols=True, mininterval=1.0)
+  def rl_eval():
+    return grpo.eval_pass_at_1(family, nnx.merge(graphdef, state["params"], state["rest"]), corpus, cfg)
+
   try:
+    if rollouts is not None and start == 0:  # where GRPO starts from
+      ev = rl_eval()
+      if mlog:
+        mlog.write({**ledger(0), **ev})
+      if main:
+        log("step 0: " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
     for s in range(start, tcfg.steps):
-      batch = corpus.train_batch(tcfg.seed, s, tcfg.batch_size, seq_len, rows=rows)
-      batch = {k: v.reshape(tcfg.grad_accum, micro, *v.shape[1:]) for k, v in batch.items()}
       rng = jax.random.fold_in(jax.random.key(tcfg.seed), s)
-      state, out = step_fn(state, mesh.put_batch(batch, batch_sharding), rng)
+      if rollouts is None:
+        batch = corpus.train_batch(tcfg.seed, s, tcfg.batch_size, seq_len, rows=rows)
+        batch = {k: v.reshape(tcfg.grad_accum, micro, *v.shape[1:]) for k, v in batch.items()}
+        state, out = step_fn(state, mesh.put_batch(batch, batch_sharding), rng)
+      else:  # rollouts of (seed, step, params), then rl.updates steps on them
+        batch, host = rollouts.task(state["params"], state["rest"], corpus, cfg, s)
+        batch = mesh.put_batch({k: v.reshape(tcfg.grad_accum, micro, *v.shape[1:]) for k, v in batch.items()},
+                               batch_sharding)
+        outs = []
+        for u in range(rl.updates):
+          state, o = step_fn(state, batch, jax.random.fold_in(rng, u))
+          outs.append(o)
+        out = grpo.step_metrics(outs, host)
       if pending is not None:
         _log_train(pending, check, mlog, ledger, tcfg, bar)
       pending = (s + 1, out)
@@ -319,6 +372,8 @@ def _train(cfg, workdir, log):
         pending = None
       if at_eval:
         ev = evaluate(family, graphdef, state, corpus, cfg, mesh_)
+        if rollouts is not None:
+          ev.update(rl_eval())
         row = ledger(done)
         if mlog:
           mlog.write({**row, **ev})
@@ -333,6 +388,8 @@ def _train(cfg, workdir, log):
     bar.close()
     ckpt.save(tcfg.steps, state)
     result = evaluate(family, graphdef, state, corpus, cfg, mesh_)
+    if rollouts is not None:
+      result.update(rl_eval())
     row = ledger(tcfg.steps)
     if mlog:
       mlog.write({**row, **result, "final": True})
@@ -362,4 +419,5 @@ def _log_train(pending, check, mlog, ledger, tcfg, bar):
     bar.set_postfix(loss=f"{host['loss']:.4f}", refresh=False)
     row = ledger(s)
     if mlog:
-      mlog.write({**row, "loss": host["loss"], "lr": host["lr"], "grad_norm": host["grad_norm"]})
+      mlog.write({**row, "loss": host["loss"], "lr": host["lr"], "grad_norm": host["grad_norm"],
+                  **{k: host[k] for k in grpo.LOGGED if k in host}})
