@@ -209,3 +209,43 @@ def test_grpo_config_errors_name_the_field():
       config.validate(cfg)
     assert needle in str(e.value), (needle, str(e.value))
   config.validate(base)
+
+
+FAMILY_CASES = [("lm", "AA"), ("lm", "MM"), ("lm", "MA"), ("lm", "PP"), ("lm", "GG"), ("lm", "GA"),
+                ("recurrent", "AAA"), ("coconut", "AA")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family_name,pattern", FAMILY_CASES)
+def test_forward_scores_what_the_decoder_sampled(family_name, pattern):
+  """For every causal family GRPO supports: rollouts at a near-greedy temperature are the forward pass' argmax (the forward and the decoder agree on every sampled token: KV cache / SSM state / recurrent depth's initial
+  state / Coconut's thoughts), Coconut's forced thoughts and <eot> are left out of the mask, and one update is
+  finite."""
+  from altbench.train import reasoning_tasks as rt
+  family = archs.get_family(family_name)
+  base = dataclasses.asdict(_tiny(pattern, vocab=262))
+  extra = {"recurrent": dict(prelude=1, coda=1, test_iters=2, state_std=1.0),
+           "coconut": dict(thoughts=2, mask_id=rt.MASK, bot_id=rt.BOT, eot_id=rt.EOT)}.get(family_name, {})
+  model_cfg = family.Config(**base, **extra)
+  rl = config.RLConfig(group_size=2, temperature=1e-4, beta=0.1)
+  tcfg = config.TrainConfig(steps=2, lr=1e-3, warmup_steps=0)
+  tx = step.make_optimizer(tcfg)
+  graphdef, state = step.init_state(family, model_cfg, tx, 0)
+  n_new = 6
+  rollouts = grpo.Rollouts(family, family_name, model_cfg, rl, graphdef, state["params"], n_new)
+  prompts = np.array(jax.random.randint(jax.random.key(3), (4, 5), 0, 256), np.int32)
+  prompts[:, -1] = rt.BOT
+  score = lambda completion_BN: (np.arange(len(completion_BN), dtype=np.float32) % 3, {})
+  batch, host = rollouts.batch(state["params"], state["rest"], prompts, jax.random.key(4), score)
+  forced = extra.get("thoughts", -1) + 1
+  assert (batch["mask"][:, :forced] == 0).all() and (batch["mask"][:, forced] == 1).all()
+  sampled = batch["mask"] > 0
+  # p > 1/2 at a near-zero temperature: the forward's argmax is the decoded token (a near-tie can leave p < 1)
+  assert np.exp(batch["old_logp"][sampled]).min() > 0.5, batch["old_logp"]
+  assert np.median(np.exp(batch["old_logp"][sampled])) > 0.99
+  rl = dataclasses.replace(rl, temperature=1.0)  # (near-greedy log-probs are saturated: no gradient to speak of)
+  rollouts = grpo.Rollouts(family, family_name, model_cfg, rl, graphdef, state["params"], n_new)
+  batch, host = rollouts.batch(state["params"], state["rest"], prompts, jax.random.key(4), score)
+  train_step = jax.jit(step.make_train_step(grpo.LossFamily(family_name, rl), graphdef, tx, tcfg))
+  _, out = train_step(state, {k: jnp.asarray(v)[None] for k, v in batch.items()}, jax.random.key(0))
+  assert np.isfinite(float(out["loss"])) and float(out["grad_norm"]) > 0
