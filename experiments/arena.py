@@ -15,7 +15,9 @@ Groups (each its own budget and leaderboard section):
 Variants: "smoke" (every entry tiny: 7-20 s each on a quiet 2-core CPU, compilation included), "cpu" (22 minutes
 on 2 quiet CPU cores, measured; the AR transformer is then well ahead of diffusion), "gpu" (one GPU: the budget
 of a GPT-2-small-shaped byte transformer, d 768 x 12 layers, 85M parameters, which GPT-2 small has besides its
-38M of 50k-token embeddings, for 4000 steps of 32 x 1024 bytes). "" is cpu. Steps per entry = budget / that entry's analytic FLOPs per step.
+38M of 50k-token embeddings, for 4000 steps of 32 x 1024 bytes), "gpu-short" (one short GPU visit: d 256 x 4 layers,
+1,000 steps of 32 x 512 bytes, about 150x cpu's budget, sized for 8 minutes on one H100/H200 with compiles; no
+BPE or entropy entries; experiments/bench/gpu_arena.sh runs it). "" is cpu. Steps per entry = budget / that entry's analytic FLOPs per step.
 """
 
 import dataclasses
@@ -24,25 +26,31 @@ import os
 from altbench.train import arena
 from altbench.train.config import Config, DataConfig, TrainConfig, check_variant, load_module
 
-VARIANTS = ("", "smoke", "cpu", "gpu")
+VARIANTS = ("", "smoke", "cpu", "gpu", "gpu-short")
 SIZES = {  # the text group's widths (every family at this width; Mamba-2 hybrids matched in parameters)
     "smoke": dict(d=64, heads=2, layers=2, local=32, local_heads=2, seq_len=128, batch=8, baseline_steps=60,
                   eval_bytes=8192, ssm=dict(d_state=16, ssm_headdim=16, chunk_size=32), lr=3e-3),
     "cpu": dict(d=128, heads=4, layers=3, local=64, local_heads=2, seq_len=128, batch=16, baseline_steps=300,
                 eval_bytes=32768, ssm=dict(d_state=32, ssm_headdim=32, chunk_size=32), lr=2e-3),
+    # One short GPU visit (issue 26): every entry within 8 minutes in all on one H100/H200, compile included, at
+    # about 150x the cpu variant's budget per entry (d 256 x 4 layers, 1,000 steps of 32 x 512 bytes).
+    "gpu-short": dict(d=256, heads=4, layers=4, local=128, local_heads=2, seq_len=512, batch=32, baseline_steps=1000,
+                      eval_bytes=1 << 17, ssm=dict(d_state=64, ssm_headdim=64, chunk_size=64), lr=2e-3),
     "gpu": dict(d=768, heads=12, layers=12, local=384, local_heads=6, seq_len=1024, batch=32, baseline_steps=4000,
                 eval_bytes=1 << 20, ssm=dict(d_state=64, ssm_headdim=64, chunk_size=64), lr=1e-3),
 }
 # The compute dtype of every entry where it is not the models' float32 (weights stay float32): bf16 on an
 # accelerator, where impl="auto" takes the Pallas kernels only for 16-bit activations (tuning.pallas_dtype_pays).
-DTYPE = {"gpu": "bfloat16"}
-SEEDS = {"smoke": 1, "cpu": 3, "gpu": 3}  # runs per entry (train.seed + 0..n-1); `altbench arena --seeds N` overrides
+DTYPE = {"gpu": "bfloat16", "gpu-short": "bfloat16"}
+SEEDS = {"smoke": 1, "cpu": 3, "gpu": 3, "gpu-short": 1}  # runs per entry (train.seed + 0..n-1); `altbench arena --seeds N` overrides
 REACH = {"smoke": dict(suffix="-smoke", baseline_steps=60), "cpu": dict(suffix="-smoke", baseline_steps=800),
-         "gpu": dict(suffix="", baseline_steps=4000)}
+         "gpu": dict(suffix="", baseline_steps=4000), "gpu-short": dict(suffix="-smoke", baseline_steps=2000)}
 DECODE = {"smoke": dict(decode_contexts=(64, 256), decode_steps=4, reasoning_examples=32, recurrences=(1, 3)),
           "cpu": dict(decode_contexts=(128, 512, 2048), decode_steps=8, reasoning_examples=128, recurrences=(1, 3, 6)),
           "gpu": dict(decode_contexts=(1024, 4096, 16384), decode_steps=16, reasoning_examples=1024,
-                      recurrences=(1, 3, 5, 8, 12))}
+                      recurrences=(1, 3, 5, 8, 12)),
+          "gpu-short": dict(decode_contexts=(512, 2048, 8192), decode_steps=8, reasoning_examples=256,
+                            recurrences=(1, 3, 6))}
 
 
 def _experiment(name):
@@ -145,7 +153,7 @@ def get_arena(variant=""):
       arena.Entry("reach-coconut", "reach", "coconut", _reach("coconut", r["suffix"]), "continuous thoughts"),
       arena.Entry("reach-recurrent", "reach", "recurrent", _reach("recurrent", r["suffix"]), "recurrent depth"),
   ]
-  if v != "smoke":  # a BPE tokenizer and an entropy model to train first: too slow for the smoke run
+  if v not in ("smoke", "gpu-short"):  # a BPE tokenizer and an entropy model to train first: not in a short run
     groups.append(arena.Group("aux", "bpb", 0.0, "Auxiliary runs outside the budget: BLT's entropy model."))
     entries[1:1] = [arena.Entry("bpe-transformer", "pystdlib", "lm", _bpe(s), "transformer on a 4096-token BPE")]
     entries.insert(0, arena.Entry("entropy-lm", "aux", "lm", _entropy_lm(bytes_scale, s), "BLT's entropy model"))

@@ -217,7 +217,7 @@ def test_gpu_arena_computes_in_bf16_and_cpu_in_f32(tmp_path):
   # bf16 (its weights in float32), the CPU arenas in float32.
   from altbench.train.config import load_module
   experiment = load_module(os.path.join(ROOT, "experiments", "arena.py"))
-  for variant, dtype in (("gpu", "bfloat16"), ("cpu", "float32")):
+  for variant, dtype in (("gpu", "bfloat16"), ("gpu-short", "bfloat16"), ("cpu", "float32")):
     entries = [e for e in experiment.get_arena(variant).entries if e.name != "blt-entropy"]  # needs a trained model
     assert len(entries) >= 10
     for e in entries:

@@ -30,7 +30,8 @@
 #                                                                       -> bench_hybrid_step_b8.jsonl
 # STAGES (default 2,3,4,5,6) picks the stages after the install; the next GPU session should run
 #   STAGES=2,8,4,5,9 TESTS_BEHIND=1 bash experiments/bench/gpu_check.sh
-# first (the unmeasured kernels: Gated DeltaNet, cuDNN vs flash, the tuning table with attention_gpu_impl, MFU). Measured on an H100 (2026-11-26): stage 2
+# first (the unmeasured kernels: Gated DeltaNet, cuDNN vs flash, the tuning table with attention_gpu_impl, MFU).
+# The arena's short GPU variant is its own call: OUT=... bash experiments/bench/gpu_arena.sh (about 8 minutes). Measured on an H100 (2026-11-26): stage 2
 # ~100-120 s, 7 ~70 s, 3 ~130 s per length at 8K (compiles of 38-51 s), 6 ~200 s (its XLA step compiled in
 # 165 s before the XLA attention path's unrolled blocks were capped). One call is limited to 10 minutes and a
 # session's device time to 15: run the stages you need, narrowed with the variables below, e.g.
