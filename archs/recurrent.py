@@ -12,7 +12,9 @@ passes e through ([0, I]), the model is the plain stack of `pattern` (archs.lm w
 module tree is LM's plus `adapter` and `state_norm`).
 
 Training: r per step from a log-normal Poisson, tau ~ N(log(mean_iters) - sigma^2 / 2, sigma),
-r = min(Poisson(exp(tau)) + 1, max_iters); truncated backprop: the first r - k iterations run under
+r = min(Poisson(exp(tau)) + 1, max_iters), or r = mean_iters every step with fixed_iters (a looped transformer,
+Saunshi et al. 2025: prelude = coda = 0, backprop_iters = r, state_std = 0 gives a block looped exactly r times
+with full backprop, its input re-injected through the adapter at every iteration); truncated backprop: the first r - k iterations run under
 stop_gradient in a while_loop, the last k = backprop_iters in a scan (a step with r < k masks the first
 k - r scan iterations, which are still computed). Test time (eval_loss, generate): r = test_iters, chosen
 freely; with exit_kl > 0 a position stops iterating once the KL divergence between the next-token
@@ -50,6 +52,7 @@ class Config(backbone.Config):
   test_iters: int = 0         # r at eval and generate (0: round(mean_iters) + 1, the training mean)
   exit_kl: float = 0.0        # > 0: adaptive exit at test time, when successive iterations' KL < exit_kl
   state_std: float = 1.0      # s_0 ~ N(0, state_std^2); 0: zeros
+  fixed_iters: bool = False   # True: training r = mean_iters (an integer) every step, not sampled; test r too
 
   @property
   def core_pattern(self):
@@ -57,7 +60,7 @@ class Config(backbone.Config):
 
   @property
   def iters_at_test(self):
-    return self.test_iters or int(round(self.mean_iters)) + 1
+    return self.test_iters or int(round(self.mean_iters)) + (0 if self.fixed_iters else 1)
 
   def validate(self):
     super().validate()
@@ -70,6 +73,9 @@ class Config(backbone.Config):
       raise ValueError(f"mean_iters={self.mean_iters}, iters_sigma={self.iters_sigma}, max_iters={self.max_iters}, "
                        f"backprop_iters={self.backprop_iters}: need mean_iters >= 1, sigma >= 0, max_iters >= 1, "
                        "backprop_iters >= 1")
+    if self.fixed_iters and (self.mean_iters != int(self.mean_iters) or self.mean_iters > self.max_iters):
+      raise ValueError(f"fixed_iters=True, mean_iters={self.mean_iters}, max_iters={self.max_iters}: the fixed r is "
+                       "mean_iters, which must be an integer <= max_iters")
     if self.test_iters < 0 or self.exit_kl < 0 or self.state_std < 0:
       raise ValueError(f"test_iters={self.test_iters}, exit_kl={self.exit_kl}, state_std={self.state_std}: "
                        "must be >= 0")
@@ -118,7 +124,10 @@ def build(cfg, rngs):
 
 
 def sample_iters(cfg, rng):
-  """Training r (int32 scalar): Poisson with a log-normal rate, plus one, capped at max_iters."""
+  """Training r (int32 scalar): Poisson with a log-normal rate, plus one, capped at max_iters (fixed_iters:
+  mean_iters)."""
+  if cfg.fixed_iters:
+    return jnp.int32(int(cfg.mean_iters))
   k_tau, k_r = jax.random.split(rng)
   tau = math.log(cfg.mean_iters) - 0.5 * cfg.iters_sigma ** 2 + cfg.iters_sigma * jax.random.normal(k_tau)
   r = jax.random.poisson(k_r, jnp.exp(tau)) + 1
@@ -240,6 +249,8 @@ def eval_loss(model, batch, rng):
 
 def _expected_free_iters(cfg, n=20000):
   """E[max(r - k, 0)] under the training distribution of r (fixed-seed Monte Carlo, deterministic)."""
+  if cfg.fixed_iters:
+    return float(max(int(cfg.mean_iters) - cfg.backprop_iters, 0))
   rng = np.random.default_rng(0)
   tau = math.log(cfg.mean_iters) - 0.5 * cfg.iters_sigma ** 2 + cfg.iters_sigma * rng.standard_normal(n)
   r = np.clip(rng.poisson(np.exp(tau)) + 1, 1, cfg.max_iters)

@@ -31,6 +31,7 @@ class DataConfig:
   heldout_fraction: float = 0.02  # of files (hash split); of the tail of a single text file
   eval_bytes: int = 131072     # held-out bytes every eval scores, identical for every tokenizer
   task_pairs: int = 16         # generated tasks: key-value pairs per example (mqar)
+  task_hops: int = 16          # phop: hops p from the last letter (train/tasks.py)
   eval_examples: int = 512     # generated tasks: held-out examples scored by eval
   # Reasoning tasks (train/reasoning_tasks.py: reach, mult, vartrack, countdown); ignored by other datasets
   task_mode: str = "cot"       # nocot | cot | pause | filler | coconut (continuous thoughts)
@@ -212,6 +213,7 @@ RANGES = [
     ("data.eval_bytes", ">= 1", "", None),
     ("data.task_pairs", ">= 1", "", None),
     ("data.task_pairs", "[1, 128]", "mqar keys are distinct byte ids 0..127", lambda cfg: cfg.data.dataset == "mqar"),
+    ("data.task_hops", ">= 1", "phop: hops from the last letter", None),
     ("data.eval_examples", ">= 1", "", None),
     ("data.task_size", ">= 0", "0: the task's default", None),
     ("data.task_depth", ">= 0", "0: the task's default", None),

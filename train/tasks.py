@@ -4,6 +4,14 @@
 then the keys again in random order; the model must answer each key with its value. Keys are byte ids
 0..127 and values 128..255, so the byte tokenizer serves every family. Only answers carry loss; the
 loop reports `eval_acc`, the fraction of answers predicted exactly (argmax).
+
+`phop`: p-hop induction (Sanford et al., 2024, "Transformers, Parallel Computation, and Logarithmic Depth"; the
+task of Saunshi et al., 2025, "Reasoning with Latent Thoughts"). `seq_len` letters from the alphabet a..d, then
+the answer: hop_p at the last position. One hop from position i goes to the token right after the latest earlier
+occurrence of x[i] (find(i) = max{j <= i : x[j-1] = x[i]}); p hops from the last letter, the answer is the letter
+there. No letter repeats its predecessor (otherwise x[i-1] = x[i] makes find(i) = i, a hop that stays put), and a
+sequence whose chain runs off the start is drawn again, so every answer takes exactly p hops. `data.task_hops` is
+p. The answer is predicted at the last letter's position (no separator), so every letter fills the input window.
 """
 
 import numpy as np
@@ -25,7 +33,46 @@ def mqar_example(rng, seq_len, pairs):
   return tokens.astype(np.int32), answer
 
 
-TASKS = {"mqar": mqar_example, **reasoning_tasks.TASKS}  # reach, mult, vartrack: see train/reasoning_tasks.py
+PHOP_LETTERS = np.frombuffer(b"abcd", np.uint8).astype(np.int32)
+
+
+def hop_positions(letters, hops):
+  """The positions p-hop visits from the last letter (hops + 1 of them), or None when a hop finds no earlier
+  occurrence. letters: (n,) ints."""
+  last, prev = {}, np.full(len(letters), -1)
+  for i, c in enumerate(letters):  # prev[i]: the latest j < i with letters[j] == letters[i]
+    prev[i] = last.get(c, -1)
+    last[c] = i
+  path = [len(letters) - 1]
+  for _ in range(hops):
+    j = prev[path[-1]]
+    if j < 0:
+      return None
+    path.append(j + 1)
+  return path
+
+
+def phop_example(rng, seq_len, hops):
+  """(tokens (seq_len,), answer_mask): seq_len - 1 letters, then the p-hop answer at the last letter."""
+  n, k = seq_len - 1, len(PHOP_LETTERS)
+  for _ in range(10_000):
+    steps = rng.integers(1, k, size=n)  # each letter differs from its predecessor: a shift of 1..k-1
+    steps[0] = rng.integers(0, k)
+    idx = np.cumsum(steps) % k
+    path = hop_positions(idx, hops)
+    if path is not None:
+      break
+  else:
+    raise ValueError(f"phop: no sequence of {n} letters in 10,000 draws has a {hops}-hop chain")
+  tokens = np.concatenate([PHOP_LETTERS[idx], PHOP_LETTERS[idx[path[-1]]][None]])
+  answer = np.zeros(seq_len, bool)
+  answer[-1] = True
+  return tokens.astype(np.int32), answer
+
+
+TASKS = {"mqar": mqar_example, "phop": phop_example, **reasoning_tasks.TASKS}  # reach, mult, vartrack: see
+# train/reasoning_tasks.py
+TASK_ARG = {"mqar": "task_pairs", "phop": "task_hops"}  # the DataConfig field each generator takes
 
 
 class TaskCorpus:
@@ -39,12 +86,17 @@ class TaskCorpus:
   def __init__(self, data_cfg):
     self.cfg = data_cfg
     self.tokenizer = ByteTokenizer()
-    if data_cfg.seq_len < 4 * data_cfg.task_pairs:
+    if data_cfg.dataset == "mqar" and data_cfg.seq_len < 4 * data_cfg.task_pairs:
       raise ValueError(f"data.seq_len={data_cfg.seq_len}: mqar with data.task_pairs={data_cfg.task_pairs} "
                        f"needs at least {4 * data_cfg.task_pairs} (pairs, then as many queries)")
+    if data_cfg.dataset == "phop" and data_cfg.seq_len < 4 * data_cfg.task_hops:
+      raise ValueError(f"data.seq_len={data_cfg.seq_len}: phop with data.task_hops={data_cfg.task_hops} needs at "
+                       f"least {4 * data_cfg.task_hops} letters (a hop goes back about 3 letters on average)")
     self.make = TASKS[data_cfg.dataset]
+    self.arg = getattr(data_cfg, TASK_ARG[data_cfg.dataset])
     self.eval_bytes = 0
-    self.stats = {"task": data_cfg.dataset, "pairs": data_cfg.task_pairs, "eval_examples": data_cfg.eval_examples,
+    self.stats = {"task": data_cfg.dataset, TASK_ARG[data_cfg.dataset].removeprefix("task_"): self.arg,
+                  "eval_examples": data_cfg.eval_examples,
                   "train_tokens": "generated", "vocab_size": self.tokenizer.vocab_size}
 
   def _batch(self, rngs, seq_len):
@@ -52,7 +104,7 @@ class TaskCorpus:
     windows = np.full((len(rngs), seq_len + 1), pad, np.int32)
     answers = np.zeros((len(rngs), seq_len + 1), bool)
     for row, rng in enumerate(rngs):
-      tokens, answer = self.make(rng, seq_len + 1, self.cfg.task_pairs)
+      tokens, answer = self.make(rng, seq_len + 1, self.arg)
       windows[row, :len(tokens)], answers[row, :len(tokens)] = tokens, answer
     inputs, targets, loss_mask = windows[:, :-1], windows[:, 1:], answers[:, 1:].astype(np.int32)
     return {"inputs": inputs, "targets": targets, "segment_ids": (inputs != pad).astype(np.int32),
@@ -71,7 +123,10 @@ class TaskCorpus:
     return batches
 
   def prompts(self, n, length=None):
-    """The pairs and the first query key of n eval examples."""
+    """mqar: the pairs and the first query key of n eval examples; phop: the letters of n eval examples."""
+    if self.cfg.dataset == "phop":
+      return np.stack([self.make(np.random.default_rng([EVAL_SEED, i]), self.cfg.seq_len + 1, self.arg)[0][:-1]
+                       for i in range(n)])
     rows = [self.make(np.random.default_rng([EVAL_SEED, i]), 4 * self.cfg.task_pairs, self.cfg.task_pairs)[0]
             for i in range(n)]
     return np.stack([r[:2 * self.cfg.task_pairs + 2] for r in rows])
