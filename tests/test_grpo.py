@@ -212,7 +212,7 @@ def test_grpo_config_errors_name_the_field():
 
 
 FAMILY_CASES = [("lm", "AA"), ("lm", "MM"), ("lm", "MA"), ("lm", "PP"), ("lm", "GG"), ("lm", "GA"),
-                ("recurrent", "AAA"), ("coconut", "AA")]
+                ("recurrent", "AAA"), ("coconut", "AA"), ("megabyte", "A"), ("blt", "A")]
 
 
 @pytest.mark.slow
@@ -225,7 +225,12 @@ def test_forward_scores_what_the_decoder_sampled(family_name, pattern):
   family = archs.get_family(family_name)
   base = dataclasses.asdict(_tiny(pattern, vocab=262))
   extra = {"recurrent": dict(prelude=1, coda=1, test_iters=2, state_std=1.0),
-           "coconut": dict(thoughts=2, mask_id=rt.MASK, bot_id=rt.BOT, eot_id=rt.EOT)}.get(family_name, {})
+           "coconut": dict(thoughts=2, mask_id=rt.MASK, bot_id=rt.BOT, eot_id=rt.EOT),
+           "megabyte": dict(local_pattern="A", patch_size=4, d_local=16, local_heads=2),
+           "blt": dict(encoder_pattern="A", decoder_pattern="A", patcher="space", max_patch_len=4, hash_buckets=64,
+                       d_local=16, local_heads=2)}.get(family_name, {})
+  if family_name in ("megabyte", "blt"):
+    base = {k: v for k, v in base.items() if k in {f.name for f in dataclasses.fields(family.Config)}}
   model_cfg = family.Config(**base, **extra)
   rl = config.RLConfig(group_size=2, temperature=1e-4, beta=0.1)
   tcfg = config.TrainConfig(steps=2, lr=1e-3, warmup_steps=0)

@@ -93,7 +93,9 @@ class RLConfig:
   eval_samples: int = 4        # ... this many times each, at temperature
   sft_steps: int = 0           # > 0: first train the same model supervised for sft_steps steps in WORKDIR/sft (a
                                # run directory of its own) and start from it (train.init_from must be empty)
-  sft_lr: float = 3e-3         # the SFT stage's peak lr (its batch size, warmup and the rest are train's)
+  sft_lr: float = 3e-3         # the SFT stage's peak lr; it has train's seed, a 5% warmup, a cosine to 10% of
+                               # sft_lr, and evals and checkpoints at every quarter (train/loop.py)
+  sft_batch_size: int = 0      # the SFT stage's batch size (0: train.batch_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,6 +259,7 @@ RANGES = [
     ("rl.eval_samples", ">= 1", "", None),
     ("rl.sft_steps", ">= 0", "0: no SFT stage", None),
     ("rl.sft_lr", "> 0", "", None),
+    ("rl.sft_batch_size", ">= 0", "0: train.batch_size", None),
 ]
 
 
@@ -363,6 +366,8 @@ def _validate_grpo(cfg, layout):
   if t.batch_size % rl.group_size:
     raise ConfigError(f"rl.group_size={rl.group_size}: must divide train.batch_size={t.batch_size} (the rollout "
                       "rows: batch_size / group_size prompts per step)")
+  if rl.sft_steps and rl.sft_batch_size % t.grad_accum:
+    raise ConfigError(f"rl.sft_batch_size={rl.sft_batch_size}: train.grad_accum={t.grad_accum} must divide it")
   if rl.sft_steps and t.init_from:
     raise ConfigError(f"rl.sft_steps={rl.sft_steps}: the SFT stage is the start; leave train.init_from empty "
                       f"(it is {t.init_from!r})")

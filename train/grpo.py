@@ -25,9 +25,9 @@ Families: `lm` on every causal pattern (A, M, P, G and hybrids), `recurrent` at 
 its initial state is the one generate drew, so the forward scores exactly what was sampled; adaptive exit is
 refused: a row's depth would depend on the sample), and `coconut`, whose continuous thoughts are deterministic
 hidden states, not samples: the policy gradient acts on the tokens after them and reaches the thoughts through
-the forward pass (pathwise). Not supported: diffusion (no autoregressive per-token log-probs of a sample; its
-likelihood is a bound), megabyte and blt (their generate exists but their forward exposes no per-token logits of
-a given sequence outside the loss).
+the forward pass (pathwise). The byte families `megabyte` and `blt` work too (their forward's logits equal their
+byte-by-byte decoder's). Not supported: `diffusion`, whose samples have no autoregressive per-token log-probs (it
+unmasks in any order; its likelihood is a bound), so the ratio and the KL per token are undefined.
 """
 
 import jax
@@ -37,7 +37,7 @@ import numpy as np
 from altbench.train import rewards
 from altbench.train import reasoning_tasks as rt
 
-FAMILIES = ("lm", "coconut", "recurrent")
+FAMILIES = ("lm", "coconut", "recurrent", "megabyte", "blt")
 ROLLOUT_TAG = 0x52_4c  # "RL": rollout keys are fold_in(fold_in(key(seed), step), ROLLOUT_TAG)
 EVAL_TAG = 0x45_56     # eval pass@1 keys: fold_in(key(seed), EVAL_TAG), the same at every eval
 ADV_EPS = 1e-4
@@ -86,8 +86,9 @@ def completion_logprobs(family_name, model, tokens_BL, n_new, temperature, iters
   elif family_name == "coconut":
     from altbench.archs import coconut
     logits_BLV = coconut.forward(model, inputs_BL)
-  else:
-    logits_BLV, _ = model(inputs_BL)
+  else:  # lm: (logits, cache); blt: (logits, patch starts); megabyte: logits
+    out = model(inputs_BL)
+    logits_BLV = out[0] if isinstance(out, tuple) else out
   logits_BNV = logits_BLV[:, -n_new:].astype(jnp.float32) / temperature
   logp_BNV = jax.nn.log_softmax(logits_BNV, axis=-1)
   logp_BN = jnp.take_along_axis(logp_BNV, tokens_BL[:, -n_new:, None], axis=-1)[..., 0]

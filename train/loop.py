@@ -225,8 +225,11 @@ def _sft_stage(cfg, workdir, log):
   """GRPO's rl.sft_steps > 0: train the supervised start in WORKDIR/sft (resumed or found finished like any run);
   returns that directory."""
   config.validate(cfg)
+  n = cfg.rl.sft_steps
   sft = dataclasses.replace(cfg, rl=config.RLConfig(), train=dataclasses.replace(
-      cfg.train, objective="supervised", steps=cfg.rl.sft_steps, lr=cfg.rl.sft_lr))
+      cfg.train, objective="supervised", steps=n, lr=cfg.rl.sft_lr, warmup_steps=n // 20, min_lr_ratio=0.1,
+      batch_size=cfg.rl.sft_batch_size or cfg.train.batch_size,
+      eval_every=max(n // 4, 1), ckpt_every=max(n // 4, 1), log_every=min(cfg.train.log_every * 10, n)))
   sft_dir = os.path.join(workdir, "sft")
   log(f"altbench: GRPO starts from a supervised stage of {cfg.rl.sft_steps} steps in {sft_dir}")
   train(sft, sft_dir, log)

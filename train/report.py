@@ -31,9 +31,52 @@ def report(runs, png_path, compressors=True):
     out.append(f"| {r['run']} | {r['family']} | {r['pattern']} | {r['step']} | {r['loss']:.4f} | "
                f"{r['eval_bpb']:.4f} | {r['flops']:.3g} | {r['wall_s']:.1f} | {r['energy_j']:.3g} |")
   out.append(f"\nenergy: {'; '.join(sorted({r['energy'] for r in rows}))}\nplot: {png_path}")
+  rl_runs = [(run, [l for l in read_jsonl(os.path.join(run, "metrics.jsonl")) if "reward" in l or
+                    "eval_pass_at_1" in l]) for run in runs]
+  rl_runs = [(run, lines) for run, lines in rl_runs if lines]
+  if rl_runs:  # GRPO runs (train.objective=grpo): reward and pass@1 against the RL step
+    rl_png = os.path.splitext(png_path)[0] + "_rl.png"
+    _plot_rl(rl_runs, rl_png)
+    out += ["\nGRPO runs: rollout reward and pass@1 (mean of the last 10 steps), eval pass@1 (sampled) at the start "
+            "and the end", "| run | RL steps | reward | pass@1 | eval pass@1 start | eval pass@1 end |",
+            "|---|---|---|---|---|---|"]
+    for run, lines in rl_runs:
+      steps = [l for l in lines if "reward" in l][-10:]
+      evals = [l for l in lines if "eval_pass_at_1" in l]
+      mean = lambda k: sum(l[k] for l in steps) / max(len(steps), 1)
+      ends = [f"{evals[i]['eval_pass_at_1']:.4f} (step {evals[i]['step']})" if evals else "" for i in (0, -1)]
+      out.append(f"| {run} | {lines[-1]['step']} | {mean('reward'):.4f} | {mean('pass_at_1'):.4f} | {ends[0]} | "
+                 f"{ends[1]} |")
+    out.append(f"plot: {rl_png}")
   if compressors:
     out += compressor_table([cfg["data"] for cfg in configs])
   return "\n".join(out)
+
+
+def _plot_rl(rl_runs, png_path):
+  """Rollout reward and pass@1 per RL step (and eval pass@1 as markers) for each GRPO run."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, (ax_r, ax_p) = plt.subplots(1, 2, figsize=(11, 4))
+  for run, lines in rl_runs:
+    label = os.path.basename(run.rstrip("/"))
+    steps = [l for l in lines if "reward" in l]
+    evals = [l for l in lines if "eval_pass_at_1" in l]
+    ax_r.plot([l["step"] for l in steps], [l["reward"] for l in steps], label=label)
+    line, = ax_p.plot([l["step"] for l in steps], [l["pass_at_1"] for l in steps], alpha=0.5, label=f"{label} rollouts")
+    ax_p.plot([l["step"] for l in evals], [l["eval_pass_at_1"] for l in evals], marker="o", color=line.get_color(),
+              label=f"{label} eval")
+  for ax, name in ((ax_r, "rollout reward (rl.checker)"), (ax_p, "pass@1 (true checker)")):
+    ax.set_xlabel("RL step")
+    ax.set_ylabel(name)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  tmp = png_path + ".tmp.png"
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  os.replace(tmp, png_path)
 
 
 def compressor_table(data_dicts):
