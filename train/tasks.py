@@ -5,6 +5,14 @@ then the keys again in random order; the model must answer each key with its val
 0..127 and values 128..255, so the byte tokenizer serves every family. Only answers carry loss; the
 loop reports `eval_acc`, the fraction of answers predicted exactly (argmax).
 
+`mqar-zoology`: the same task laid out as Zoology's figure-2 generator (HazyResearch/zoology,
+`zoology/data/multiquery_ar.py`, with `random_non_queries=False` as in
+`zoology/experiments/paper_configs/iclr24_zoology_figure2/configs.py`): a vocabulary of 8192 ids, keys drawn
+without replacement from 1..4095 and values from 4096..8191, the pairs first, then every key queried once at a
+slot drawn by a power law that favours short gaps, filler id 0 everywhere else. The value is the target at its
+query's position and never enters the input; only those positions carry loss. `data.task_size` sets the
+vocabulary (0: Zoology's 8192), the size axis a CPU run may scale (experiments/mqar.py).
+
 `phop`: p-hop induction (Sanford et al., 2024, "Transformers, Parallel Computation, and Logarithmic Depth"; the
 task of Saunshi et al., 2025, "Reasoning with Latent Thoughts"). `seq_len` letters from the alphabet a..d, then
 the answer: hop_p at the last position. One hop from position i goes to the token right after the latest earlier
@@ -13,6 +21,8 @@ there. No letter repeats its predecessor (otherwise x[i-1] = x[i] makes find(i) 
 sequence whose chain runs off the start is drawn again, so every answer takes exactly p hops. `data.task_hops` is
 p. The answer is predicted at the last letter's position (no separator), so every letter fills the input window.
 """
+
+import functools
 
 import numpy as np
 
@@ -31,6 +41,49 @@ def mqar_example(rng, seq_len, pairs):
   answer = np.zeros(len(tokens), bool)
   answer[2 * pairs + 2::2] = True  # each queried value, right after its key
   return tokens.astype(np.int32), answer
+
+
+ZOOLOGY_VOCAB = 8192  # Zoology's VOCAB_SIZE in the figure-2 configs
+ZOOLOGY_POWER_A = 0.01  # Zoology's train_power_a = test_power_a in the figure-2 configs
+
+
+def mqar_zoology_example(rng, seq_len, pairs, vocab=ZOOLOGY_VOCAB, power_a=ZOOLOGY_POWER_A):
+  """(inputs (seq_len,), targets (seq_len,), answer_mask (seq_len,)) in Zoology's MQAR layout.
+
+  inputs: k_1 v_1 ... k_p v_p, then seq_len - 2p slots of filler 0 where key k_i sits at offset 2 * gap_i; the
+  gaps are distinct, drawn with probability proportional to (gap + 1) ** (power_a - 1). targets[t] is the value
+  of the key at t where answer_mask[t], else 0.
+  """
+  half = vocab // 2
+  keys = 1 + rng.choice(half - 1, size=pairs, replace=False)
+  values = half + rng.choice(vocab - half, size=pairs, replace=False)
+  context = 2 * pairs
+  slots = (seq_len - context) // 2
+  weight = power_a * np.arange(1, slots + 1, dtype=np.float64) ** (power_a - 1)
+  gaps = rng.choice(slots, size=pairs, replace=False, p=weight / weight.sum())
+  inputs = np.zeros(seq_len, np.int32)
+  inputs[0:context:2], inputs[1:context:2] = keys, values
+  at = context + 2 * gaps
+  inputs[at] = keys
+  targets = np.zeros(seq_len, np.int32)
+  targets[at] = values
+  answer = np.zeros(seq_len, bool)
+  answer[at] = True
+  return inputs, targets, answer
+
+
+class TaskVocab:
+  """The ids of a task with its own vocabulary (mqar-zoology: 0..8191, 0 the filler) and no special tokens."""
+
+  name = "task"
+
+  def __init__(self, vocab_size):
+    self.vocab_size = vocab_size
+    self.special = {}
+    self.token_nbytes = np.ones(vocab_size, np.int32)
+
+  def decode(self, ids):
+    return " ".join(str(int(i)) for i in ids)
 
 
 PHOP_LETTERS = np.frombuffer(b"abcd", np.uint8).astype(np.int32)
@@ -70,9 +123,10 @@ def phop_example(rng, seq_len, hops):
   return tokens.astype(np.int32), answer
 
 
-TASKS = {"mqar": mqar_example, "phop": phop_example, **reasoning_tasks.TASKS}  # reach, mult, vartrack: see
-# train/reasoning_tasks.py
-TASK_ARG = {"mqar": "task_pairs", "phop": "task_hops"}  # the DataConfig field each generator takes
+TASKS = {"mqar": mqar_example, "mqar-zoology": mqar_zoology_example, "phop": phop_example, **reasoning_tasks.TASKS}
+# reach, mult, vartrack: see train/reasoning_tasks.py
+# the DataConfig field each generator takes
+TASK_ARG = {"mqar": "task_pairs", "mqar-zoology": "task_pairs", "phop": "task_hops"}
 
 
 class TaskCorpus:
@@ -85,14 +139,21 @@ class TaskCorpus:
 
   def __init__(self, data_cfg):
     self.cfg = data_cfg
-    self.tokenizer = ByteTokenizer()
-    if data_cfg.dataset == "mqar" and data_cfg.seq_len < 4 * data_cfg.task_pairs:
-      raise ValueError(f"data.seq_len={data_cfg.seq_len}: mqar with data.task_pairs={data_cfg.task_pairs} "
-                       f"needs at least {4 * data_cfg.task_pairs} (pairs, then as many queries)")
+    self.zoology = data_cfg.dataset == "mqar-zoology"
+    vocab = data_cfg.task_size or ZOOLOGY_VOCAB
+    self.tokenizer = TaskVocab(vocab) if self.zoology else ByteTokenizer()
+    if self.zoology and (vocab % 2 or vocab <= data_cfg.seq_len or vocab // 2 - 1 < data_cfg.task_pairs):
+      raise ValueError(f"data.task_size={data_cfg.task_size}: mqar-zoology's vocabulary {vocab} must be even, above "
+                       f"data.seq_len={data_cfg.seq_len} and hold data.task_pairs={data_cfg.task_pairs} distinct keys "
+                       "in its lower half (Zoology's asserts)")
+    if data_cfg.dataset in ("mqar", "mqar-zoology") and data_cfg.seq_len < 4 * data_cfg.task_pairs:
+      raise ValueError(f"data.seq_len={data_cfg.seq_len}: {data_cfg.dataset} with "
+                       f"data.task_pairs={data_cfg.task_pairs} needs at least {4 * data_cfg.task_pairs} (pairs, then "
+                       "as many queries)")
     if data_cfg.dataset == "phop" and data_cfg.seq_len < 4 * data_cfg.task_hops:
       raise ValueError(f"data.seq_len={data_cfg.seq_len}: phop with data.task_hops={data_cfg.task_hops} needs at "
                        f"least {4 * data_cfg.task_hops} letters (a hop goes back about 3 letters on average)")
-    self.make = TASKS[data_cfg.dataset]
+    self.make = functools.partial(mqar_zoology_example, vocab=vocab) if self.zoology else TASKS[data_cfg.dataset]
     self.arg = getattr(data_cfg, TASK_ARG[data_cfg.dataset])
     self.eval_bytes = 0
     self.stats = {"task": data_cfg.dataset, TASK_ARG[data_cfg.dataset].removeprefix("task_"): self.arg,
@@ -100,6 +161,12 @@ class TaskCorpus:
                   "train_tokens": "generated", "vocab_size": self.tokenizer.vocab_size}
 
   def _batch(self, rngs, seq_len):
+    if self.zoology:  # inputs and targets apart: the answers never enter the input
+      inputs, targets, answers = (np.stack(x) for x in zip(*[self.make(rng, seq_len, self.cfg.task_pairs)
+                                                             for rng in rngs]))
+      loss_mask = answers.astype(np.int32)
+      return {"inputs": inputs, "targets": targets, "segment_ids": np.ones_like(inputs), "loss_mask": loss_mask,
+              "nbytes": loss_mask}
     pad = self.tokenizer.special["<pad>"]
     windows = np.full((len(rngs), seq_len + 1), pad, np.int32)
     answers = np.zeros((len(rngs), seq_len + 1), bool)
@@ -123,8 +190,13 @@ class TaskCorpus:
     return batches
 
   def prompts(self, n, length=None):
-    """mqar: the pairs and the first query key of n eval examples; phop: the letters of n eval examples."""
-    if self.cfg.dataset == "phop":
+    """mqar: the pairs and the first query key of n eval examples; mqar-zoology: the pairs and the first slot;
+    phop: the letters."""
+    if self.zoology:
+      pairs = self.cfg.task_pairs
+      return np.stack([self.make(np.random.default_rng([EVAL_SEED, i]), self.cfg.seq_len, pairs)[0][:2 * pairs + 1]
+                       for i in range(n)])
+    if self.cfg.dataset == "phop":  # the letters of n eval examples
       return np.stack([self.make(np.random.default_rng([EVAL_SEED, i]), self.cfg.seq_len + 1, self.arg)[0][:-1]
                        for i in range(n)])
     rows = [self.make(np.random.default_rng([EVAL_SEED, i]), 4 * self.cfg.task_pairs, self.cfg.task_pairs)[0]
