@@ -9,9 +9,13 @@ Both variants are compiled first, then timed alternately (--repeats rounds of --
 round is reported. Lines: {"impl": "pallas" | "xla", "step_ms", "tokens_per_s", "tflops", "mfu"} and a
 last line with "speedup" = xla step / pallas step. --impls ssm_pallas / attn_pallas put one kernel alone on Pallas.
 
+--model gpt2: the arena gpu variant's GPT-2-small-shaped byte transformer instead (d 768 x 12 "A" blocks, 12
+heads, bf16), for MFU at a realistic batch (issue 26: batch 4-8 x L 2048-4096).
+
 FLOPs = the family's analytic training FLOPs (archs.lm.flops_per_token: 3 x forward matmul FLOPs, attention
-over all L keys), the same number the training ledger logs; MFU = FLOPs per second / the device's dense bf16
-peak (PEAK_TFLOPS below, by device kind; pass --peak-tflops for others). On a CPU backend only "xla" runs
+over all L keys), the same number the training ledger logs; `tflops_causal` / `mfu_causal` count causal
+attention's half of the score and value products instead (the convention of most MFU reports, e.g. MaxText's);
+MFU = FLOPs per second / the device's dense bf16 peak (PEAK_TFLOPS below, by device kind; pass --peak-tflops for others). On a CPU backend only "xla" runs
 (Pallas interpret mode is not a speed) and --smoke shrinks the model so the script can be checked quickly.
 
   python experiments/bench/hybrid_step.py [--batch 1 --length 4096 --steps 3 --repeats 3] [--smoke]
@@ -39,6 +43,7 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "TPU v5
 
 MODEL = lm.Config(pattern="MMMMMAMMMMMA", d_model=768, n_heads=12, d_state=128, ssm_headdim=64, chunk_size=128,
                   vocab_size=32000, tie_embeddings=True, dtype="bfloat16")
+GPT2 = lm.Config(pattern="A" * 12, d_model=768, n_heads=12, vocab_size=262, dtype="bfloat16")
 SMOKE = dataclasses.replace(MODEL, pattern="MA", d_model=64, n_heads=2, d_state=16, ssm_headdim=16, chunk_size=32,
                             vocab_size=256)
 
@@ -68,9 +73,10 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--peak-tflops", type=float, default=0.0)
   parser.add_argument("--impls", default="pallas,xla", help=f"comma list of {', '.join(VARIANTS)}")
+  parser.add_argument("--model", choices=("hybrid", "gpt2"), default="hybrid")
   parser.add_argument("--smoke", action="store_true", help="a tiny model (to check the script on a CPU)")
   args = parser.parse_args(argv)
-  base = SMOKE if args.smoke else MODEL
+  base = SMOKE if args.smoke else {"hybrid": MODEL, "gpt2": GPT2}[args.model]
   kind, backend = jax.devices()[0].device_kind, jax.default_backend()
   impls = args.impls.split(",") if backend in ("gpu", "tpu") else ["xla"]
   bad = [i for i in impls if i not in VARIANTS]
@@ -91,12 +97,18 @@ def main(argv=None):
       runners[i][0](args.steps)
       times[i].append((time.perf_counter() - t0) / args.steps)
   flops_step = lm.flops_per_token(base, args.length) * args.batch * args.length
+  # causal attention computes half of the (L x L) score and value products: 3 (fwd + bwd) x 4 L h hd per token
+  attn_half = 3 * 2 * args.length * base.n_heads * base.dim_head * sum(k in "AP" for k in base.pattern)
+  flops_causal = flops_step - attn_half * args.batch * args.length
   peak = args.peak_tflops or peak_tflops(kind)
   lines = []
   for i in impls:
     step_s = statistics.median(times[i])
     tflops = flops_step / step_s / 1e12
+    tflops_causal = flops_causal / step_s / 1e12
     lines.append({"bench": "hybrid_step", "impl": i, "attn_impl": VARIANTS[i][0], "ssm_impl": VARIANTS[i][1],
+                  "model": "smoke" if args.smoke else args.model, "tflops_causal": round(tflops_causal, 3),
+                  "mfu_causal": None if not peak else round(tflops_causal / peak, 4),
                   "device_kind": kind, "params": int(runners[i][1]),
                   "pattern": base.pattern, "batch": args.batch, "length": args.length, "step_ms": round(step_s * 1e3, 2),
                   "tokens_per_s": round(args.batch * args.length / step_s, 1), "tflops": round(tflops, 3),
