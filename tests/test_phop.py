@@ -130,3 +130,23 @@ def test_fixed_iters_needs_an_integer_r():
       raise AssertionError(f"{kw} passed")
   dataclasses.replace(recurrent.Config(pattern="A", prelude=0, coda=0, **TINY), fixed_iters=True, mean_iters=4.0,
                       max_iters=4).validate()
+
+
+def test_phop_all_targets_every_position_and_scores_the_last():
+  for i in range(20):
+    letters, targets, mask = tasks.phop_all_example(np.random.default_rng(i), 40, 3)
+    want, _ = tasks.phop_example(np.random.default_rng(i), 41, 3)
+    np.testing.assert_array_equal(letters, want[:-1])  # phop's rows
+    assert mask[-1] and targets[-1] == want[-1]
+    for j in range(40):
+      b = brute_hop(list(letters[:j + 1]), 3)
+      assert (b is None) == (not mask[j]) and (b is None or targets[j] == b)
+  cfg = DataConfig(dataset="phop-all", task_hops=3, seq_len=32, eval_examples=6)
+  corpus = tasks.TaskCorpus(cfg)
+  assert corpus.train_batch(0, 0, 4, 32)["loss_mask"].sum() > 4 * 10  # most positions carry loss
+  evals = corpus.eval_batches(4, 32)
+  assert sum(int(e["loss_mask"].sum()) for e in evals) == 6 and all(e["loss_mask"][:, :-1].sum() == 0 for e in evals)
+  phop = tasks.TaskCorpus(dataclasses.replace(cfg, dataset="phop")).eval_batches(4, 32)
+  for a, b in zip(evals, phop):  # the same eval rows and answers as phop
+    np.testing.assert_array_equal(a["inputs"], b["inputs"])
+    np.testing.assert_array_equal(a["targets"][:, -1], b["targets"][:, -1])

@@ -20,6 +20,9 @@ occurrence of x[i] (find(i) = max{j <= i : x[j-1] = x[i]}); p hops from the last
 there. No letter repeats its predecessor (otherwise x[i-1] = x[i] makes find(i) = i, a hop that stays put), and a
 sequence whose chain runs off the start is drawn again, so every answer takes exactly p hops. `data.task_hops` is
 p. The answer is predicted at the last letter's position (no separator), so every letter fills the input window.
+`phop-all`: the same rows, trained with hop_p at every position as the target (Sanford et al.'s hop_p is a function
+of every position; positions whose chain runs off the start carry no loss), scored at the last position only, as
+`phop`: many answers per row instead of one, for budgets too small to learn from the last position alone.
 """
 
 import functools
@@ -123,10 +126,24 @@ def phop_example(rng, seq_len, hops):
   return tokens.astype(np.int32), answer
 
 
-TASKS = {"mqar": mqar_example, "mqar-zoology": mqar_zoology_example, "phop": phop_example, **reasoning_tasks.TASKS}
+def phop_all_example(rng, seq_len, hops):
+  """(inputs (seq_len,), targets (seq_len,), mask (seq_len,)): `phop`'s letters, hop_p at every position."""
+  letters = phop_example(rng, seq_len + 1, hops)[0][:-1]
+  last, find = {}, np.full(seq_len, -1)
+  for i, c in enumerate(letters):  # find[i]: one hop from i, the position after the latest earlier x[i]
+    find[i] = last[c] + 1 if c in last else -1
+    last[c] = i
+  pos = np.arange(seq_len)
+  for _ in range(hops):
+    pos = np.where(pos >= 0, find[np.maximum(pos, 0)], -1)
+  return letters, np.where(pos >= 0, letters[np.maximum(pos, 0)], 0).astype(np.int32), pos >= 0
+
+
+TASKS = {"mqar": mqar_example, "mqar-zoology": mqar_zoology_example, "phop": phop_example,
+         "phop-all": phop_all_example, **reasoning_tasks.TASKS}
 # reach, mult, vartrack: see train/reasoning_tasks.py
 # the DataConfig field each generator takes
-TASK_ARG = {"mqar": "task_pairs", "mqar-zoology": "task_pairs", "phop": "task_hops"}
+TASK_ARG = {"mqar": "task_pairs", "mqar-zoology": "task_pairs", "phop": "task_hops", "phop-all": "task_hops"}
 
 
 class TaskCorpus:
@@ -150,7 +167,7 @@ class TaskCorpus:
       raise ValueError(f"data.seq_len={data_cfg.seq_len}: {data_cfg.dataset} with "
                        f"data.task_pairs={data_cfg.task_pairs} needs at least {4 * data_cfg.task_pairs} (pairs, then "
                        "as many queries)")
-    if data_cfg.dataset == "phop" and data_cfg.seq_len < 4 * data_cfg.task_hops:
+    if data_cfg.dataset in ("phop", "phop-all") and data_cfg.seq_len < 4 * data_cfg.task_hops:
       raise ValueError(f"data.seq_len={data_cfg.seq_len}: phop with data.task_hops={data_cfg.task_hops} needs at "
                        f"least {4 * data_cfg.task_hops} letters (a hop goes back about 3 letters on average)")
     self.make = functools.partial(mqar_zoology_example, vocab=vocab) if self.zoology else TASKS[data_cfg.dataset]
@@ -161,6 +178,10 @@ class TaskCorpus:
                   "train_tokens": "generated", "vocab_size": self.tokenizer.vocab_size}
 
   def _batch(self, rngs, seq_len):
+    if self.cfg.dataset == "phop-all":  # targets apart from the inputs: hop_p of every position
+      inputs, targets, mask = (np.stack(x) for x in zip(*[self.make(rng, seq_len, self.arg) for rng in rngs]))
+      return {"inputs": inputs, "targets": targets, "segment_ids": np.ones_like(inputs),
+              "loss_mask": mask.astype(np.int32), "nbytes": mask.astype(np.int32)}
     if self.zoology:  # inputs and targets apart: the answers never enter the input
       inputs, targets, answers = (np.stack(x) for x in zip(*[self.make(rng, seq_len, self.cfg.task_pairs)
                                                              for rng in rngs]))
@@ -185,6 +206,8 @@ class TaskCorpus:
     rngs = [np.random.default_rng([EVAL_SEED, i]) for i in range(-(-n // batch_size) * batch_size)]
     batches = [self._batch(rngs[i:i + batch_size], seq_len) for i in range(0, len(rngs), batch_size)]
     for i, batch in enumerate(batches):  # rows past eval_examples only pad the last batch
+      if self.cfg.dataset == "phop-all":  # scored as phop: the last position's answer only
+        batch["loss_mask"][:, :-1] = 0
       batch["loss_mask"][max(0, n - i * batch_size):] = 0
       batch["nbytes"] = batch["loss_mask"]
     return batches
@@ -196,8 +219,8 @@ class TaskCorpus:
       pairs = self.cfg.task_pairs
       return np.stack([self.make(np.random.default_rng([EVAL_SEED, i]), self.cfg.seq_len, pairs)[0][:2 * pairs + 1]
                        for i in range(n)])
-    if self.cfg.dataset == "phop":  # the letters of n eval examples
-      return np.stack([self.make(np.random.default_rng([EVAL_SEED, i]), self.cfg.seq_len + 1, self.arg)[0][:-1]
+    if self.cfg.dataset in ("phop", "phop-all"):  # the letters of n eval examples
+      return np.stack([phop_example(np.random.default_rng([EVAL_SEED, i]), self.cfg.seq_len + 1, self.arg)[0][:-1]
                        for i in range(n)])
     rows = [self.make(np.random.default_rng([EVAL_SEED, i]), 4 * self.cfg.task_pairs, self.cfg.task_pairs)[0]
             for i in range(n)]
