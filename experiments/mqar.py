@@ -22,9 +22,8 @@ repository (HazyResearch/zoology at d88d6f5):
              +-0.03): attention ~0.97-1.0 at every width and length; the gated convolutions (Hyena, RWKV, H3,
              BaseConv) fall with sequence length and recover with width. Mamba is not in Zoology's figure 2 (the
              Based paper's figure 2, `arxiv24_based_figure2/`, plots it against state size); the Mamba-2 paper
-             (Dao and Gu 2024) has an MQAR figure with Mamba-2 at state sizes 16/64/256, but in its own harder
-             setting and its points were not checked here (*unverified*), so no Mamba-2 number is printed as
-             published.
+             (Dao and Gu 2024) has an MQAR figure with Mamba-2 at state sizes 16/64/256, whose setting and
+             points were not checked here (*unverified*), so no Mamba-2 number is printed as published.
 
 Ours, where it differs by construction: RoPE instead of learned position embeddings, no dropout, fresh examples
 per (seed, step) instead of a fixed 100,000-example set reused for 64 epochs (every run here sees fewer than
@@ -44,7 +43,8 @@ Grids (`--grid`):
          d_model-64 step, 1-2 s per 64 x 64-token batch on this shared CPU; at 512 a 32 x 64 step takes ~0.1 s).
 
 Variants: "ARCH-dD-sL" (ARCH in ARCHS, D in WIDTHS, L in SHAPES) with the protocol's budget, and the same with
-"-cpu" for the CPU grid's; "" is attention-d64-s64. The learning rate is set per run (`--set train.lr=`).
+"-cpu" for the CPU grid's ("-cpu3x": three times its steps, to see whether a run that stalls is short of budget);
+"" is attention-d64-s64. The learning rate is set per run (`--set train.lr=`).
 
   altbench train experiments/mqar.py:attention-d64-s64-cpu --workdir runs/mqar --set train.lr=0.01
   python experiments/mqar.py --run runs/mqar [--grid cpu|full]   every run of the grid, early stopped, rows
@@ -90,7 +90,7 @@ ARCHS = {  # name: (pattern, model fields beside the shared ones)
 
 # The CPU grid: everything not named here is the protocol's
 CPU = {"vocab": 512, "cells": ((64, 64), (64, 256), (128, 256), (128, 64)), "lrs": (LRS[-1],), "seeds": (0,),
-       "archs": ("attention", "mamba2-n16", "mamba2-n64", "gdn", "mamba2-attention"),
+       "archs": ("mamba2-n16", "gdn", "mamba2-n64", "mamba2-attention", "attention"),
        "tokens_per_step": 2048, "steps": 1000, "eval_every": 100, "eval_examples": 500}
 
 # Zoology figure 2 (assets/figure2.png), read off the plot (about +-0.03): mixer -> seq_len -> accuracy at
@@ -103,8 +103,9 @@ PUBLISHED = {
     "baseconv": {64: (0.69, 0.92, 0.94, 0.97), 128: (0.37, 0.61, 0.83, 0.93), 256: (0.15, 0.34, 0.80, 0.91)},
 }
 
+SUFFIXES = ("", "-cpu", "-cpu3x")  # the protocol's budget, the CPU grid's, three times the CPU grid's steps
 VARIANTS = ("",) + tuple(f"{a}-d{d}-s{s}{suffix}" for a in ARCHS for d in WIDTHS for s in SHAPES
-                         for suffix in ("", "-cpu"))
+                         for suffix in SUFFIXES)
 
 
 def model_config(arch, d_model):
@@ -116,15 +117,17 @@ def model_config(arch, d_model):
 
 def get_config(variant=""):
   check_variant(variant, VARIANTS)
-  cpu = variant.endswith("-cpu")
-  arch, d, s = (variant.removesuffix("-cpu") or "attention-d64-s64").rsplit("-", 2)
+  suffix = budget(variant)
+  cpu = suffix.startswith("-cpu")
+  arch, d, s = (variant.removesuffix(suffix) or "attention-d64-s64").rsplit("-", 2)
   d_model, seq_len = int(d[1:]), int(s[1:])
   # AdamW as torch's defaults, no warmup, cosine to 0, no clipping; lr: the sweep's largest unless --set
   train = dict(lr=LRS[-1], warmup_steps=0, min_lr_ratio=0.0, weight_decay=0.1, b1=0.9, b2=0.999, grad_clip=0.0,
                log_every=10, ckpt_every=0, samples=0)
   if cpu:
     batch = CPU["tokens_per_step"] // seq_len
-    train.update(steps=CPU["steps"], batch_size=batch, eval_every=CPU["eval_every"])
+    train.update(steps=CPU["steps"] * (3 if suffix == "-cpu3x" else 1), batch_size=batch,
+                 eval_every=CPU["eval_every"])
     data = DataConfig(dataset="mqar-zoology", task_size=CPU["vocab"], seq_len=seq_len, task_pairs=SHAPES[seq_len],
                       eval_examples=CPU["eval_examples"])
   else:
@@ -133,6 +136,11 @@ def get_config(variant=""):
     data = DataConfig(dataset="mqar-zoology", task_size=VOCAB, seq_len=seq_len, task_pairs=SHAPES[seq_len],
                       eval_examples=TEST_EXAMPLES)
   return Config(family="lm", model=model_config(arch, d_model), data=data, train=TrainConfig(**train))
+
+
+def budget(variant):
+  """The variant's budget suffix: "", "-cpu" or "-cpu3x"."""
+  return next((x for x in SUFFIXES[:0:-1] if variant.endswith(x)), "")
 
 
 def grid(name):
@@ -192,14 +200,18 @@ def train_one(variant, lr, seed, run_dir, log):
   return row
 
 
-def run(out_dir, grid_name, jsonl, deadline=None, log=print):
-  """Every run of the grid not already in jsonl; a cell's other learning rates are skipped once one passes
-  EARLY_STOP (the best over the sweep is then already > 0.99)."""
+def run(out_dir, grid_name, jsonl, deadline=None, log=print, only=()):
+  """Every run of the grid (or of the variants `only`, at the grid's learning rates and seeds) not already in
+  jsonl; a cell's other learning rates are skipped once one passes EARLY_STOP (the best over the sweep is then
+  already > 0.99)."""
   done = []
   if os.path.exists(jsonl):
     with open(jsonl) as f:
       done = [json.loads(line) for line in f if line.strip()]
-  for variant, lr, seed in grid(grid_name):
+  runs = grid(grid_name)
+  if only:
+    runs = [(v, lr, seed) for v in only for lr, seed in dict.fromkeys((lr, seed) for _, lr, seed in runs)]
+  for variant, lr, seed in runs:
     if deadline and time.time() > deadline:
       log(f"deadline passed: stopping before {variant} lr={lr}")
       break
@@ -223,7 +235,11 @@ def best_per_cell(rows):
 
 
 def table(rows, grid_name):
-  """The markdown report: ours (best over the learning rates run) beside Zoology's figure 2."""
+  """The markdown report: ours (best over the learning rates run) beside Zoology's figure 2; runs at another
+  budget than the grid's (-cpu3x) in a section of their own."""
+  suffix = "-cpu" if grid_name == "cpu" else ""
+  others = [r for r in rows if budget(r["variant"]) != suffix]
+  rows = [r for r in rows if budget(r["variant"]) == suffix]
   best = best_per_cell(rows)
   seq_lens = sorted({k[1] for k in best})
   widths = sorted({k[2] for k in best})
@@ -257,13 +273,54 @@ def table(rows, grid_name):
         vals = dict(zip(WIDTHS, by_len[s]))
         lines.append(f"| {m} | Zoology fig. 2 | " + " | ".join(f"~{vals[d]:.2f}" for d in widths) + " |")
     lines.append("")
+  lines += ["Mamba-2, Gated DeltaNet and the hybrid have no published point in this protocol (Zoology's figure 2 has "
+            "none; the Mamba-2 paper's MQAR figure was not checked here, *unverified*), so their rows stand "
+            "against the published trend, not a number.", ""]
+  lines += ["## The published trend, inside what ran", ""] + trend(best) + [""]
+  if others:
+    lines += ["## Longer budgets", "", "The same configs with more steps (the variant's suffix), to tell a stall "
+              "short of budget from one that stays:", "",
+              "| model | seq_len | d_model | lr | steps | steps run | best step | eval acc | early stop | wall s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in others:
+      lines.append(f"| {r['arch']} | {r['seq_len']} | {r['d_model']} | {r['lr']:.2e} | {r['steps']} | "
+                   f"{r['steps_run']} | {r['best_step']} | {r['eval_acc']:.4f} | {r['early_stopped']} | "
+                   f"{r['wall_s']:.0f} |")
+    lines.append("")
   lines += ["## Runs", "", "| model | seq_len | d_model | lr | steps run | best step | eval acc | wall s | params |",
             "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['arch']} | {r['seq_len']} | {r['d_model']} | {r['lr']:.2e} | {r['steps_run']} | "
                  f"{r['best_step']} | {r['eval_acc']:.4f} | {r['wall_s']:.0f} | {r['params'] / 1e3:.0f}K |")
-  lines += ["", f"Machine: {r0['machine']}; total wall {sum(r['wall_s'] for r in rows) / 60:.1f} min."]
+  lines += ["", f"Machine: {r0['machine']}; total wall {sum(r['wall_s'] for r in rows + others) / 60:.1f} min."]
   return "\n".join(lines) + "\n"
+
+
+def trend(best):
+  """Zoology's trend as sentences from the best-per-cell accuracies: attention high everywhere; recurrent models
+  fall with sequence length (at the smallest width run at two lengths) and recover with width (at the longest
+  length run at two widths) or with state size (mamba2-n16 against mamba2-n64)."""
+  out = []
+  seq_lens, widths = sorted({k[1] for k in best}), sorted({k[2] for k in best})
+  archs_run = list(dict.fromkeys(k[0] for k in best))
+  fmt = lambda a, s, d: f"{best[(a, s, d)]['eval_acc']:.3f}" if (a, s, d) in best else "-"
+  for a in archs_run:
+    parts = []
+    if len(seq_lens) > 1:
+      d = widths[0]
+      parts.append(f"d_model {d}: seq_len " + " / ".join(str(s) for s in seq_lens) + " -> "
+                   + " / ".join(fmt(a, s, d) for s in seq_lens))
+    if len(widths) > 1:
+      s = seq_lens[-1]
+      parts.append(f"seq_len {s}: d_model " + " / ".join(str(d) for d in widths) + " -> "
+                   + " / ".join(fmt(a, s, d) for d in widths))
+    out.append(f"- {a}: " + ("; ".join(parts) or "one cell run"))
+  for s in seq_lens:
+    for d in widths:
+      if ("mamba2-n16", s, d) in best and ("mamba2-n64", s, d) in best:
+        out.append(f"- state size at seq_len {s}, d_model {d}: mamba2 d_state 16 -> 64: {fmt('mamba2-n16', s, d)} -> "
+                   f"{fmt('mamba2-n64', s, d)}")
+  return out
 
 
 def figure(rows, path):
@@ -304,9 +361,10 @@ def report(grid_name):
   jsonl = os.path.join(RESULTS, f"mqar_{grid_name}.jsonl")
   with open(jsonl) as f:
     rows = [json.loads(line) for line in f if line.strip()]
+  main_rows = [r for r in rows if budget(r["variant"]) == ("-cpu" if grid_name == "cpu" else "")]
   with open(os.path.join(RESULTS, f"mqar_{grid_name}.md"), "w") as f:
     f.write(table(rows, grid_name))
-  figure(rows, os.path.join(RESULTS, f"mqar_{grid_name}.png"))
+  figure(main_rows, os.path.join(RESULTS, f"mqar_{grid_name}.png"))
 
 
 def main():
@@ -315,6 +373,8 @@ def main():
   parser.add_argument("--report", action="store_true", help="write the .md and .png from the grid's JSONL")
   parser.add_argument("--grid", default="cpu", choices=("cpu", "full"))
   parser.add_argument("--deadline", default="", help="UTC HH:MM: start no run after it")
+  parser.add_argument("--only", nargs="*", default=(), choices=VARIANTS[1:], metavar="VARIANT",
+                      help="run these variants (at the grid's learning rates and seeds) instead of the grid")
   args = parser.parse_args()
   if args.run:
     deadline = None
@@ -323,7 +383,7 @@ def main():
       h, m = (int(x) for x in args.deadline.split(":"))
       deadline = time.time() + ((h * 60 + m) - (now.tm_hour * 60 + now.tm_min)) * 60 - now.tm_sec
     run(args.run, args.grid, os.path.join(RESULTS, f"mqar_{args.grid}.jsonl"), deadline,
-        log=lambda msg: print(msg, flush=True))
+        log=lambda msg: print(msg, flush=True), only=args.only)
   if args.report or args.run:
     report(args.grid)
 
