@@ -28,7 +28,7 @@ from altbench.archs.lm import LM
 from altbench.archs.sampling import sample_logits
 
 SCHEDULES = ("loglinear", "cosine", "linear")
-SAMPLERS = ("ancestral", "confidence")
+SAMPLERS = ("ancestral", "confidence", "topk")
 _LINEAR_SIGMA_MAX = 20.0  # "linear" is linear in sigma = -log alpha, as MDLM's LinearNoise
 _NEG = -1e9
 
@@ -175,19 +175,20 @@ def flops_per_token(cfg, seq_len):
 
 
 def generate(model, prompt_BT, max_new_tokens, rng, *, temperature=1.0, top_k=0, top_p=1.0, steps=None,
-             sampler="ancestral", block_length=0):
+             sampler="ancestral", block_length=0, remask_noise=0.5):
   """Continue prompts by max_new_tokens tokens; returns (b, T + new) ids with no <mask> left."""
   prompt_BT = jnp.asarray(prompt_BT, jnp.int32)
   b, t = prompt_BT.shape
   canvas = jnp.concatenate([prompt_BT, jnp.full((b, max_new_tokens), model.cfg.mask_id, jnp.int32)], axis=1)
   fixed = jnp.arange(t + max_new_tokens)[None] < t
   out, _ = infill(model, canvas, jnp.broadcast_to(fixed, canvas.shape), rng, temperature=temperature,
-                  top_k=top_k, top_p=top_p, steps=steps, sampler=sampler, block_length=block_length)
+                  top_k=top_k, top_p=top_p, steps=steps, sampler=sampler, block_length=block_length,
+                  remask_noise=remask_noise)
   return out
 
 
 def infill(model, canvas_BL, fixed_BL, rng, *, temperature=1.0, top_k=0, top_p=1.0, steps=None,
-           sampler="ancestral", block_length=0):
+           sampler="ancestral", block_length=0, remask_noise=0.5):
   """Fill every non-fixed position of canvas; returns (tokens (b, l), number of model calls).
 
   sampler "ancestral": the reverse process over `steps` uniform time steps; a masked token is revealed
@@ -195,6 +196,12 @@ def infill(model, canvas_BL, fixed_BL, rng, *, temperature=1.0, top_k=0, top_p=1
     nothing the previous logits are reused (MDLM's caching trick, no model call).
   sampler "confidence": LLaDA-style; each step reveals the masked positions whose drawn token the model is
     most sure of, the same number each step.
+  sampler "topk": easy-first top-k with re-masking (Ye et al. 2025, HKUNLP/diffusion-vs-ar,
+    src/llmtuner/tuner/mdm/trainer.py `topk_decoding`, "stochastic0.5-linear"): after step j of n, the
+    floor(N (n - 1 - j) / n) generated positions with the lowest scores stay (or become again) masked and the
+    rest take their drawn token; a masked position scores the log-probability of its draw, a revealed one 0
+    (SUBS copies it), plus Gumbel noise of scale remask_noise * (n - 1 - j) / n. So, unlike "confidence", a
+    revealed token can be masked again and redrawn. Theirs re-predicts revealed positions instead of copying.
   block_length > 0: semi-autoregressive, block after block left to right, `steps` split over the blocks.
   Block diffusion models (block_size > 0) always go block by block with block_length = block_size.
   """
@@ -205,12 +212,14 @@ def infill(model, canvas_BL, fixed_BL, rng, *, temperature=1.0, top_k=0, top_p=1
   block_length = cfg.block_size or block_length
   graphdef, state = nnx.split(model)
   tokens, calls = _infill(graphdef, state, jnp.asarray(canvas_BL, jnp.int32), jnp.asarray(fixed_BL, bool), rng,
-                          steps, sampler, block_length, float(temperature), int(top_k), float(top_p))
+                          steps, sampler, block_length, float(temperature), int(top_k), float(top_p),
+                          float(remask_noise))
   return tokens, int(calls)
 
 
-@jax.jit(static_argnums=(0, 5, 6, 7, 8, 9, 10))
-def _infill(graphdef, state, canvas_BL, fixed_BL, rng, steps, sampler, block_length, temperature, top_k, top_p):
+@jax.jit(static_argnums=(0, 5, 6, 7, 8, 9, 10, 11))
+def _infill(graphdef, state, canvas_BL, fixed_BL, rng, steps, sampler, block_length, temperature, top_k, top_p,
+            remask_noise):
   model = nnx.merge(graphdef, state)
   cfg = model.cfg
   b, l = canvas_BL.shape
@@ -249,6 +258,15 @@ def _infill(graphdef, state, canvas_BL, fixed_BL, rng, steps, sampler, block_len
       a_s, _ = alpha(cfg.schedule, t_next)
       p = jnp.where(j + 1 == per_block, 1.0, (a_s - a_t) / jnp.maximum(1.0 - a_t, 1e-12))
       reveal = masked & (jax.random.uniform(k_reveal, (b, l)) < p)
+    elif sampler == "topk":
+      free = ~fixed_BL & in_block
+      rate = (per_block - 1 - j) / per_block
+      keep = jnp.floor(jnp.sum(free, axis=1, keepdims=True) * rate).astype(jnp.int32)
+      gumbel = -jnp.log(-jnp.log(jax.random.uniform(k_reveal, (b, l)) + 1e-8) + 1e-8)
+      score = jnp.where(free, jnp.where(masked, conf, 0.0) + remask_noise * rate * gumbel, jnp.inf)
+      remask = free & (jnp.argsort(jnp.argsort(score, axis=1), axis=1) < keep)
+      new = jnp.where(remask, cfg.mask_id, jnp.where(masked, x, z))
+      return (new, log_probs, jnp.any(new != z), calls, key), None
     else:
       remaining = jnp.sum(masked, axis=1, keepdims=True)
       k = jnp.ceil(remaining / (per_block - j)).astype(jnp.int32)

@@ -21,7 +21,8 @@ IDS = rt.SPECIAL_IDS
 def _data(task="reach", **kw):
   base = {"reach": dict(task_size=10, task_depth=3, seq_len=96), "mult": dict(task_size=2, seq_len=40),
           "vartrack": dict(task_size=6, task_depth=3, seq_len=64),
-          "countdown": dict(task_size=5, task_depth=4, seq_len=96)}[task]
+          "countdown": dict(task_size=5, task_depth=4, seq_len=96),
+          "plan": dict(task_size=7, task_depth=2, seq_len=128)}[task]
   return DataConfig(dataset=task, **{"eval_examples": 16, **base, **kw})
 
 

@@ -29,6 +29,12 @@ Each example carries its question, its chain-of-thought steps, the answer and gr
            expression is correct: `countdown_valid` parses it (no eval) and evaluates it exactly (rationals),
            so "(3/2)*4" = 6 counts. Intermediates: the numbers, target, values after each step, `used` (numbers
            in the solution) and `hard` (the solution uses `depth` numbers, the most the generator draws).
+`plan`     Ye et al.'s (2025) minimal planning task: `depth` (2) chains of `size` (7) one-letter nodes sharing one
+           node at the same index k of each, their edges "a,b" shuffled and joined by "/", then "-start,goal" of the
+           first chain ("c,d/a,c/...-a,g"). CoT (Ye et al. train without one: task_mode "nocot"): the path's nodes
+           after the start (">c>d..."); answer: the first chain's edges ("a,c/c,d/.../f,g"), which
+           `plan_correct` checks as a path along the given edges (as Ye et al.'s scorer, also written backwards).
+           Intermediates: the path, k and the planning distance size - 1 - k (edges from the branch to the goal).
 `vartrack` Single assignments over `size` one-letter variables ("a=3", "b=a", "c=b+2", "d=c-7", arithmetic
            mod 10), the queried variable at the end of a chain of 1..`depth` assignments (uniform), other chains as
            distractors; "?c". CoT: the chain's values in order ("a=3,"); intermediates: every variable's value
@@ -75,9 +81,9 @@ _TRAIN_TAG = 7  # train streams are default_rng([_TRAIN_TAG, seed, step, row]); 
 _HACK_TAG = 11  # the SFT hack mixture's own draws (data.task_hack_fraction): [_HACK_TAG, seed, step, row]
 MODES = ("nocot", "cot", "pause", "filler", "coconut")
 DEFAULTS = {"reach": {"size": 24, "depth": 4}, "mult": {"size": 4, "depth": 0}, "vartrack": {"size": 12, "depth": 4},
-            "countdown": {"size": 4, "depth": 4}}
+            "countdown": {"size": 4, "depth": 4}, "plan": {"size": 7, "depth": 2}}
 COTS = {"reach": ("path", "frontier"), "mult": ("icot",), "vartrack": ("chain",),
-        "countdown": ("steps",)}  # the first: the default
+        "countdown": ("steps",), "plan": ("path",)}  # the first: the default
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
@@ -481,8 +487,93 @@ def check_countdown(ex):
   return problems
 
 
-GENERATORS = {"reach": reach, "mult": mult, "vartrack": vartrack, "countdown": countdown}
-CHECKERS = {"reach": check_reach, "mult": check_mult, "vartrack": check_vartrack, "countdown": check_countdown}
+# ----------------------------------------------------------------------------- plan
+
+PLAN_MAX_NODES = len(LETTERS)  # node names are single letters: depth chains of size nodes use size * depth of them
+
+
+def plan_parse(question):
+  """(edges [(a, b)], start, goal) of a plan question "a,b/c,d/...-s,g"; raises ValueError if it does not parse."""
+  m = re.fullmatch(r"((?:[a-z],[a-z]/)*[a-z],[a-z])-([a-z]),([a-z])", question)
+  if not m:
+    raise ValueError(f"plan question {question!r} does not parse as 'a,b/.../y,z-start,goal'")
+  return [tuple(e.split(",")) for e in m.group(1).split("/")], m.group(2), m.group(3)
+
+
+def plan_path(text):
+  """The node sequence of a path written as edges "a,b/b,c/..." (None unless consecutive edges chain up)."""
+  if not text or not re.fullmatch(r"[a-z],[a-z](?:/[a-z],[a-z])*", text):
+    return None
+  edges = [e.split(",") for e in text.split("/")]
+  if any(x[1] != y[0] for x, y in zip(edges, edges[1:])):
+    return None
+  return [edges[0][0]] + [e[1] for e in edges]
+
+
+def plan_correct(question, text):
+  """Whether text is a path from the question's start to its goal along its (directed) edges. Ye et al.'s scorer
+  (scripts/path/cal_path_acc.py) also counts the path written backwards (goal first, each edge flipped): so do we."""
+  edges, start, goal = plan_parse(question)
+  have = set(edges)
+
+  def ok(t):
+    nodes = plan_path(t)
+    return bool(nodes) and nodes[0] == start and nodes[-1] == goal and all(e in have for e in zip(nodes, nodes[1:]))
+
+  if ok(text):
+    return True
+  return plan_path(text) is not None and ok("/".join(f"{e[2]},{e[0]}" for e in text.split("/")[::-1]))
+
+
+def plan(rng, size=7, depth=2):
+  """Ye et al.'s (2025) minimal planning task: `depth` chains of `size` nodes that share one node, at the same
+  index k (uniform in 0..size-1) of every chain; the chains' edges shuffled, then the start and goal of the
+  first chain. Answer: the first chain as edges. Planning distance = size - 1 - k, the edges from the branch to
+  the goal (0: the chains share only the goal, so the path never branches)."""
+  if depth < 2 or size < 2 or size * depth > PLAN_MAX_NODES:
+    raise ValueError(f"plan: size={size} nodes x depth={depth} chains must be >= 2 x 2 and use at most "
+                     f"{PLAN_MAX_NODES} letters")
+  names = [LETTERS[i] for i in rng.permutation(size * depth)]  # the generator's node set: the first size * depth
+  chains = [names[i * size:(i + 1) * size] for i in range(depth)]
+  k = int(rng.integers(size))
+  for c in chains[1:]:
+    c[k] = chains[0][k]
+  edges = [(a, b) for c in chains for a, b in zip(c, c[1:])]
+  order = rng.permutation(len(edges))
+  path = chains[0]
+  question = "/".join(f"{edges[i][0]},{edges[i][1]}" for i in order) + f"-{path[0]},{path[-1]}"
+  answer = "/".join(f"{a},{b}" for a, b in zip(path, path[1:]))
+  return Example("plan", question, tuple(f">{v}" for v in path[1:]), answer,
+                 {"path": list(path), "shared_index": k, "planning_distance": size - 1 - k, "chains": chains})
+
+
+def check_plan(ex):
+  """Problems with a plan example, found by parsing its question: [] when it is correct."""
+  try:
+    edges, start, goal = plan_parse(ex.question)
+  except ValueError as e:
+    return [str(e)]
+  problems = []
+  out = collections.Counter(a for a, _ in edges)
+  if len(edges) != len(set(edges)):
+    problems.append("an edge repeats")
+  branches = [v for v, n in out.items() if n > 1]
+  if len(branches) > 1:
+    problems.append(f"more than one branching node: {branches}")
+  if not plan_correct(ex.question, ex.answer):
+    problems.append(f"answer {ex.answer!r} is not a path from {start} to {goal}")
+  nodes = plan_path(ex.answer) or []
+  if list(ex.steps) != [f">{v}" for v in nodes[1:]]:
+    problems.append(f"steps {ex.steps} are not the answer's path after the start")
+  k, pd = ex.intermediates["shared_index"], ex.intermediates["planning_distance"]
+  if nodes and (branches != ([nodes[k]] if k < len(nodes) - 1 else []) or pd != len(nodes) - 1 - k):
+    problems.append(f"shared index {k} (planning distance {pd}) is not where the path {nodes} branches")
+  return problems
+
+
+GENERATORS = {"reach": reach, "mult": mult, "vartrack": vartrack, "countdown": countdown, "plan": plan}
+CHECKERS = {"reach": check_reach, "mult": check_mult, "vartrack": check_vartrack, "countdown": check_countdown,
+            "plan": check_plan}
 TASKS = GENERATORS
 
 
@@ -495,6 +586,8 @@ def bounds(task, size, depth, cot=""):
     k = size
     cot = (k + 1) + sum(2 * (k + j) + 3 for j in range(2, k)) + (2 * k + 1 if k > 1 else 0)
     return 2 * k + 1, cot, 2 * k, k
+  if task == "plan":  # size - 1 edges "a,b" per chain, "/" between, then "-s,g"; answer: one chain's edges
+    return 4 * depth * (size - 1) + 3, 2 * (size - 1), 4 * (size - 1) - 1, size - 1
   if task == "countdown":  # numbers of <= 2 digits; steps "999-999=999,"; d literals, d - 1 ops, d - 2 paren pairs
     return 3 * size + 3, 12 * (depth - 1), 5 * depth - 5, depth - 1
   return 6 * size + 1, 4 * depth, 1, depth
@@ -544,6 +637,9 @@ def layout(data_cfg):
   if task == "countdown" and not 2 <= depth <= size <= CD_MAX_SIZE:
     raise ValueError(f"data.task_size={size}, data.task_depth={depth}: countdown needs 2 <= depth <= size <= "
                      f"{CD_MAX_SIZE}")
+  if task == "plan" and not (2 <= size and 2 <= depth and size * depth <= PLAN_MAX_NODES):
+    raise ValueError(f"data.task_size={size}, data.task_depth={depth}: plan needs >= 2 chains (depth) of >= 2 "
+                     f"nodes (size), size * depth <= {PLAN_MAX_NODES}")
   if data_cfg.task_pause < 0 or data_cfg.task_thoughts < 0 or data_cfg.task_max_stage < 0:
     raise ValueError("data.task_pause, data.task_thoughts and data.task_max_stage must be >= 0")
   q, cot_len, ans, steps = bounds(task, size, depth, cot)
