@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from altbench.kernels import flash_attention_gpu, flash_attention_tpu, tuning
-from altbench.kernels.pallas_common import LANES, TARGETS, backend_target, pow2_at_least, round_up
+from altbench.kernels.pallas_common import LANES, LOG2E, TARGETS, backend_target, pow2_at_least, round_up
 
 _BIG = float(np.finfo(np.float32).max)                 # m of pad query rows: exp2(s - _BIG) == 0
 _BACKENDS = {"gpu": flash_attention_gpu, "tpu": flash_attention_tpu}
@@ -60,7 +60,17 @@ _BACKENDS = {"gpu": flash_attention_gpu, "tpu": flash_attention_tpu}
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tile sizes: forward (q, kv), dk/dv kernel (q, kv), dq kernel (q, kv); Triton warps and stages."""
+  """Tile sizes: forward (q, kv), dk/dv kernel (q, kv), dq kernel (q, kv); Triton warps and stages.
+
+  The GPU-only fields after num_stages are issue 26's candidates against cuDNN (kernels/
+  flash_attention_gpu.py describes each); their defaults are the kernels as they were, and the tuning
+  table turns one on for a device kind only where `altbench bench kernels --tune` measured it faster:
+  num_warps_dkdv / num_stages_dkdv / num_warps_dq / num_stages_dq: per-kernel launch parameters
+    (None: num_warps / num_stages, which are the forward's);
+  one_lse: save one log-sum-exp vector instead of its two terms;
+  prescale_k: multiply k by scale * log2(e) once, in XLA, instead of every score tile in the kernels;
+  fused_bwd: one backward kernel (dk, dv, and dq by atomic adds) instead of a dk/dv and a dq kernel.
+  """
   block_q: int
   block_k: int
   block_q_dkv: int
@@ -69,6 +79,13 @@ class BlockSizes:
   block_k_dq: int
   num_warps: int = 4
   num_stages: int = 2
+  num_warps_dkdv: int | None = None
+  num_stages_dkdv: int | None = None
+  num_warps_dq: int | None = None
+  num_stages_dq: int | None = None
+  one_lse: bool = False
+  prescale_k: bool = False
+  fused_bwd: bool = False
 
 
 # Block sizes per (target, head_dim class): the class is the smallest of 64, 128, 256 that holds
@@ -89,6 +106,26 @@ _BLOCKS = {
     ("tpu", 256): BlockSizes(256, 256, 128, 256, 256, 128),
 }
 MAX_HEAD_DIM = 256
+
+
+# The candidates `bench attention --candidates` times and `bench kernels --tune` chooses among, per head_dim
+# class: name -> fields replaced in the default blocks. Launch parameters: the dk/dv kernel keeps two
+# (block_k, d) float32 accumulators and recomputes p and ds, so it may want more warps than the forward.
+GPU_CANDIDATES = {
+    64: {"launch_dkdv8": dict(num_warps_dkdv=8, num_stages_dkdv=2),
+         "launch_bwd8": dict(num_warps_dkdv=8, num_stages_dkdv=2, num_warps_dq=8, num_stages_dq=2),
+         "one_lse": dict(one_lse=True), "prescale_k": dict(prescale_k=True),
+         "lse_prescale": dict(one_lse=True, prescale_k=True),
+         "fused_bwd": dict(fused_bwd=True),
+         "fused_lse_prescale": dict(fused_bwd=True, one_lse=True, prescale_k=True)},
+    128: {"launch_fwd4": dict(num_warps=4, num_stages=3, num_warps_dkdv=8, num_stages_dkdv=2,
+                              num_warps_dq=8, num_stages_dq=2),
+          "launch_dq4": dict(num_warps_dq=4, num_stages_dq=3),
+          "one_lse": dict(one_lse=True), "prescale_k": dict(prescale_k=True),
+          "lse_prescale": dict(one_lse=True, prescale_k=True),
+          "fused_bwd": dict(fused_bwd=True),
+          "fused_lse_prescale": dict(fused_bwd=True, one_lse=True, prescale_k=True)},
+}
 
 
 def head_dim_class(d):
@@ -121,15 +158,31 @@ class _Cfg:
   has_seg: bool
   blocks: BlockSizes
   interpret: object  # False, True, or a pltpu.InterpretParams
+  empty_rows: bool = False  # (q_ids, kv_ids) given: a query row may see no key at all
+
+  @property
+  def one_lse(self):
+    # One vector m + log2 l rounds away the log2 l of a row that sees no key (m ~ -2.4e38): two there.
+    return self.target == "gpu" and self.blocks.one_lse and not self.empty_rows
+
+  @property
+  def prescale(self):
+    return self.target == "gpu" and self.blocks.prescale_k
+
+
+def _kernel_k(k, c):
+  """k as the kernels take it: times scale * log2(e) once here with prescale_k (saved as the residual)."""
+  return (k * (c.scale * LOG2E)).astype(k.dtype) if c.prescale else k
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _flash(q, k, v, q_ids, kv_ids, c):
-  return _BACKENDS[c.target].fwd(q, k, v, q_ids, kv_ids, c)[0]
+  return _BACKENDS[c.target].fwd(q, _kernel_k(k, c), v, q_ids, kv_ids, c)[0]
 
 
 def _flash_fwd(q, k, v, q_ids, kv_ids, c):
-  o, m, ll = _BACKENDS[c.target].fwd(q, k, v, q_ids, kv_ids, c)
+  k = _kernel_k(k, c)
+  o, m, ll = _BACKENDS[c.target].fwd(q, k, v, q_ids, kv_ids, c)   # ll is None with c.one_lse
   return o, (q, k, v, q_ids, kv_ids, o, m, ll)
 
 
@@ -194,10 +247,11 @@ def flash_attention(q, k, v, *, causal, segment_ids=None, softmax_scale=None, ma
   q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
 
   bs = _fit_blocks(block_sizes or default_block_sizes(target, d), target, t, s)
-  c = _Cfg(target=target, causal=bool(causal), scale=scale, q_len=t, kv_len=s,
-           has_seg=segment_ids is not None, blocks=bs, interpret=interpret)
   tp = round_up(t, max(bs.block_q, bs.block_q_dkv, bs.block_q_dq))
   sp = round_up(s, max(bs.block_k, bs.block_k_dkv, bs.block_k_dq))
+  c = _Cfg(target=target, causal=bool(causal), scale=scale, q_len=t, kv_len=s,
+           has_seg=segment_ids is not None, blocks=bs, interpret=interpret,
+           empty_rows=isinstance(segment_ids, tuple))
   # Triton tiles must have power-of-two sizes: zero-pad head_dim (q.k and the output's real
   # columns are unchanged; the scale was fixed above from the real d).
   dp = max(16, pow2_at_least(d)) if target == "gpu" else d
