@@ -33,11 +33,20 @@ How to read it
 
   python experiments/bench/attention.py [--lengths 1024,2048 --dims 64,128 --modes fwd+bwd,fwd]
 
+--candidates (issue 26 part 4): instead, per (L, d), fwd+bwd only, our kernels with their default blocks
+("default"), with each of flash_attention.GPU_CANDIDATES[d] (options of the same kernels, off by default),
+and cuDNN: one line per candidate {"L", "d", "b", "h", "device_kind", "candidate", "options", "ms",
+"over_default", "over_cudnn"} (time ratios; < 1 is faster), then {"fastest"}. A candidate that is faster
+belongs in the tuning table: `altbench bench kernels --tune` chooses among the same candidates.
+
+  python experiments/bench/attention.py --candidates [--lengths 1024,4096,16384 --dims 64,128]
+
 On a CPU backend the Pallas kernels only run in interpret mode (far too slow to time) and cuDNN and
 Triton are absent: the script then runs a tiny configuration of the xla path only, and says so.
 """
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -46,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from altbench.kernels import flash_attention as fa
 from altbench.kernels.attention import attention
 
 IMPLS = ("pallas", "cudnn", "jax_pallas", "xla")
@@ -90,6 +100,39 @@ def build(op, mode, cot):
   return jax.jit(jax.grad(loss, (0, 1, 2)))
 
 
+def candidates(args, emit):
+  """Time each GPU candidate of the flash kernels against the default blocks and cuDNN (fwd+bwd)."""
+  kind = str(jax.devices()[0].device_kind)
+  for d in [int(x) for x in args.dims.split(",")]:
+    base_blocks = fa.default_block_sizes("gpu", d)
+    ops = {"default": {}, **fa.GPU_CANDIDATES[fa.head_dim_class(d)]}
+    for length in [int(x) for x in args.lengths.split(",")]:
+      b, h = max(1, args.tokens // length), max(1, args.width // d)
+      rng = np.random.default_rng(0)
+      q, k, v = (jnp.asarray(rng.standard_normal((b, length, h, d)), jnp.bfloat16) for _ in range(3))
+      cot = jnp.asarray(rng.standard_normal((b, length, h, d)), jnp.float32)
+      base = {"L": length, "d": d, "b": b, "h": h, "device_kind": kind, "mode": "fwd+bwd"}
+      ms = {}
+      try:
+        cudnn = lambda q, k, v: attention(q, k, v, causal=True, impl="cudnn")
+        ms["cudnn"] = time_ms(build(cudnn, "fwd+bwd", cot), (q, k, v), args.repeats)
+      except Exception as e:  # noqa: BLE001
+        emit({**base, "candidate": "cudnn", "skipped": f"{type(e).__name__}: {str(e)[:300]}"})
+      for name, options in ops.items():
+        bs = dataclasses.replace(base_blocks, **options)
+        op = lambda q, k, v, bs=bs: fa.flash_attention(q, k, v, causal=True, block_sizes=bs)
+        try:
+          ms[name] = time_ms(build(op, "fwd+bwd", cot), (q, k, v), args.repeats)
+        except Exception as e:  # noqa: BLE001 - a candidate that fails is reported, not fatal
+          emit({**base, "candidate": name, "options": options, "skipped": f"{type(e).__name__}: {str(e)[:300]}"})
+          continue
+        ratio = lambda other: round(ms[name] / ms[other], 3) if other in ms else None
+        emit({**base, "candidate": name, "options": options, "ms": round(ms[name], 3),
+              "over_default": ratio("default"), "over_cudnn": ratio("cudnn")})
+      if ms:
+        emit({**base, "fastest": min(ms, key=ms.get), "ms": {n: round(t, 3) for n, t in ms.items()}})
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--lengths", default="1024,2048,4096,8192,16384")
@@ -100,9 +143,15 @@ def main():
   parser.add_argument("--width", type=int, default=2048, help="h * d")
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--xla-max-gb", type=float, default=8.0)
+  parser.add_argument("--candidates", action="store_true", help="time flash_attention.GPU_CANDIDATES (GPU only)")
   args = parser.parse_args()
   emit = lambda d: print(json.dumps(d), flush=True)
   backend = jax.default_backend()
+  if args.candidates:
+    if backend != "gpu":
+      emit({"note": f"--candidates needs a GPU (backend {backend}): the options are GPU kernel options"})
+      return
+    return candidates(args, emit)
   lengths = [int(x) for x in args.lengths.split(",")]
   dims = [int(x) for x in args.dims.split(",")]
   impls = args.impls.split(",")

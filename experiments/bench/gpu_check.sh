@@ -29,6 +29,10 @@
 #   9. the 124M hybrid's and the GPT-2-small-shaped transformer's step at batch 8 x L 2048, bf16, MFU (both
 #      FLOP conventions: attention over all keys, and causal attention's half; issue 26's target >= 35%)
 #                                                                       -> bench_hybrid_step_b8.jsonl
+#  10. flash attention candidates (issue 26 part 4: per-kernel launches, one_lse, prescale_k, fused_bwd) vs the
+#      default blocks vs cuDNN, fwd+bwd bf16, d 64 and 128 (CAND_LENGTHS, default 1024,4096,16384; CAND_TIMEOUT 240 s);
+#      a candidate faster than default goes into the table by stage 5 (it is among its candidates)
+#                                                                       -> bench_attention_candidates.jsonl
 # STAGES (default 2,3,4,5,6) picks the stages after the install; the next GPU session should run
 #   STAGES=2,8,4,5,9 TESTS_BEHIND=1 bash experiments/bench/gpu_check.sh
 # first (the unmeasured kernels: Gated DeltaNet, cuDNN vs flash, the tuning table with attention_gpu_impl, MFU).
@@ -151,6 +155,12 @@ for model in hybrid gpt2; do
     --model "$model" --batch 8 --length 2048 --impls pallas >> "$OUT_DIR/bench_hybrid_step_b8.jsonl" 2>> "$ERR"
 done
 log "hybrid step (b8) exit status $? ($(wc -l < "$OUT_DIR/bench_hybrid_step_b8.jsonl") lines)"
+fi
+if want 10; then
+log "stage 10: flash attention candidates vs default vs cuDNN (timeout ${CAND_TIMEOUT:-240}s)"
+timeout "${CAND_TIMEOUT:-240}" "$PY" experiments/bench/attention.py --candidates --lengths "${CAND_LENGTHS:-1024,4096,16384}" \
+  --dims 64,128 --repeats 5 > "$OUT_DIR/bench_attention_candidates.jsonl" 2>> "$ERR"
+log "candidates benchmark exit status $? ($(wc -l < "$OUT_DIR/bench_attention_candidates.jsonl") lines)"
 fi
 log "done; results in $OUT_DIR"
 exit "$TEST_RC"

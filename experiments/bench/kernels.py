@@ -108,6 +108,8 @@ def cases(backend, quick):
     else:
       grid = [FB(1024, 512, 512, 1024, 1024, 512), FB(256, 256, 128, 256, 256, 128), FB(512, 1024, 256, 512, 512, 256)]
     cands = [default] + [c for c in map(asdict, grid) if c != default]
+    if backend == "gpu":  # issue 26's kernel options (flash_attention.GPU_CANDIDATES) on the default blocks
+      cands += [{**default, **o} for o in flash_attention.GPU_CANDIDATES[d].values()]
     out.append(("flash_attention", f"d{d}", lambda d=d: _attention_case(4, 4096, 2048 // d, d, jnp.bfloat16, "pallas"),
                 cands[:3] if quick else cands))
   if backend == "gpu":
