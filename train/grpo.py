@@ -16,6 +16,7 @@ One loop step with train.objective = "grpo" (train/loop.py):
        kl = exp(logp_ref - logp) - (logp_ref - logp) - 1       (Schulman's k3, >= 0, unbiased for KL(pi||ref))
        loss = sum_{i,t} mask (pg + beta kl) / sum_{i,t} mask   (token mean over the batch, as google/tunix)
             = sum_{i,t} mask (pg + beta kl) / (rows * max_new_tokens)   with rl.dr_grpo (no length bias)
+     (with train.grad_accum > 1 the token mean is per micro-batch, and the micro-batches' gradients are averaged)
 
 Log-probs are those of the sampling distribution, softmax(logits / temperature), from the family's forward
 (one pass over prompt + completion). Completion tokens are the sampled ones up to and including the first
