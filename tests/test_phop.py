@@ -1,5 +1,5 @@
-"""p-hop induction (train/tasks.py `phop`) against a brute-force reading of its definition, and recurrent depth's
-fixed_iters (a block looped exactly r times in training, the looped transformer of experiments/calibration/looped.py)."""
+"""p-hop induction (train/tasks.py `phop`, `phop-all`) against a brute-force reading of its definition, and recurrent
+depth's fixed_iters (a block looped exactly r times in training: experiments/calibration/looped.py's looped model)."""
 
 import dataclasses
 

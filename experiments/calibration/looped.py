@@ -41,12 +41,13 @@ Variants "<model>-<scale>", model looped | deep | shallow, scale smoke | cpu | g
   gpu    the paper's protocol as read: p = 16, n = 256, width 256, 8 heads, FFN 1024, batch 1024, 200,000 steps,
          lr 0.005 on AdamW (Adafactor not in the bench). Not run here (no GPU in this task).
   cpu    the problem scaled down, p = 2 hops in n = 32 letters (n / p = 16 as in the paper's p = 16, n = 256),
-         width 64 (2 heads of 32, FFN 256), batch 64 and 800 steps at lr 3e-3 (warmup 80, cosine to 10%); k = 1,
+         width 64 (2 heads of 32, FFN 256), batch 64 and 640 steps at lr 3e-3 (warmup 64, cosine to 10%); k = 1,
          L = 6 kept (6 loops are more than floor(log2 2) + 2 = 3, so depth is not what limits the looped or the deep
          model). Trained on `phop-all` (hop_p of every position in the loss; scored, like phop, at the last position
          only): with the loss on the last letter alone a 6-layer model stayed at the shortcut level (~49%, what the
          last three letters predict) for 500 steps at p = 2 and 400 steps at p = 4 in pilot runs, and the budget
-         holds ~800 steps per run. Whether the paper's loss is on the last position only was not in what we read.
+         holds ~640 steps per run (about 45 minutes for the 9 runs on the shared 2-core machine). Whether the
+         paper's loss is on the last position only was not in what we read.
   smoke  a wiring check: width 32, p = 2, n = 16, 30 steps.
 
 `python experiments/calibration/looped.py --run OUT --variant cpu` trains every (model, seed) resumably (a run with
@@ -78,7 +79,7 @@ SOURCE = "Table 1, p-hop induction (values as two secondary summaries report the
 # scale: (width, heads, d_ff, hops p, letters n, batch, steps, peak lr, warmup, eval examples)
 SCALE = {
     "smoke": (32, 2, 128, 2, 16, 16, 30, 3e-3, 5, 64),
-    "cpu": (64, 2, 256, 2, 32, 64, 800, 3e-3, 80, 1000),
+    "cpu": (64, 2, 256, 2, 32, 64, 640, 3e-3, 64, 1000),
     "gpu": (256, 8, 1024, 16, 256, 1024, 200_000, 5e-3, 5000, 1000),
 }
 PUBLISHED = {16: {"looped": 99.9, "deep": 99.9}, 32: {"looped": 99.5, "deep": 99.6}}  # Table 1, accuracy %
@@ -183,11 +184,12 @@ def claims(rows, scale):
 
   pub = PUBLISHED.get(hops, PUBLISHED[16])
   out = []
-  # (1) the looped model matches the deep one: the paired difference's interval holds 0 or lies within 2 points
-  # (the paper's 99.9 vs 99.9 and 99.5 vs 99.6), and both are far above the shallow model.
+  # The paper's ordering: looped ~ deep (99.9 vs 99.9, 99.5 vs 99.6) >> shallow. "Matches" is read as: the 95%
+  # interval of the paired looped - deep difference lies above -2 points (looped at most 2 points worse); "above" as
+  # non-overlapping intervals of the looped and the deep model each against the shallow one.
   gap = ours([100 * (a["acc"] - b["acc"]) for a, b in zip(by["looped"], by["deep"])])
   above = lo(acc["looped"]) > hi(acc["shallow"]) and lo(acc["deep"]) > hi(acc["shallow"])
-  matches = lo(gap) >= -2.0 or (hi(gap) >= 0 and hi(gap) - lo(gap) < 10.0 and above)
+  matches = lo(gap) >= -2.0
   out.append(row(f"({K} (x) {L}) looped, p-hop accuracy %, p = {hops}", f"{pub['looped']} (p = 16: 99.9, p = 32: 99.5)",
                  acc["looped"], "looped", verdict(lo(acc["looped"]) > hi(acc["shallow"]),
                                                   lo(acc["looped"]) >= 99.0)))
