@@ -24,8 +24,9 @@ rollouts):
 Measured (smoke, seed 0, the project's 2-core CPU shared with other jobs, load average ~14: 10 minutes wall, 3.3
 CPU-minutes user): SFT model's eval pass@1 0.320 (128 held-out problems x 4 samples at temperature 1), after 100
 GRPO steps 0.391 (0.365, 0.383, 0.365, 0.396 at steps 20-80); rollout reward (the same checker) 0.32 over the first
-10 steps, 0.39-0.43 over the last 30; per-token KL to the SFT model 0.003 -> 0.02-0.03. One seed, one task: a small
-lift, about 3 standard errors of one eval (paired problems), not yet a claim. The cpu-* variants ran only as
+10 steps, 0.39-0.43 over the last 30; per-token KL to the SFT model 0.003 -> 0.02-0.03. Seed 1 (quiet CPU, 2.2 minutes
+wall in all): its SFT model is weaker, pass@1 0.078 -> 0.104 after 100 steps (rollout reward ~0.09 throughout). Two
+seeds, one task: small lifts, not yet a claim. The cpu-* variants ran only as
 mechanics checks (a few steps); at that load their SFT stage took 2-4 s a step (1500 steps), so none was measured.
 Why lr 3e-5: at 3e-4 (the SFT stage's final lr) the per-token KL to the reference climbed to 0.2-0.7 within 20
 steps and held-out pass@1 fell from 0.38 to 0.14-0.18 (smoke, seed 0, 64 x 4 samples); at 1e-4 it stayed flat.
