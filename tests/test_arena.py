@@ -207,7 +207,7 @@ def test_same_seed_same_leaderboard(first_run, resumed_run):
 def test_cli_refuses_a_bad_arena(tmp_path, capsys):
   from altbench import cli
   assert cli.main(["arena", os.path.join(ROOT, "experiments", "arena.py") + ":tiny"]) == 2
-  assert "variant 'tiny' is unknown; valid: ['', 'cpu', 'gpu', 'smoke']" in capsys.readouterr().err
+  assert "variant 'tiny' is unknown; valid: ['', 'cpu', 'gpu', 'gpu-short', 'smoke']" in capsys.readouterr().err
   assert cli.main(["arena", str(tmp_path / "none.py")]) == 2
   assert "does not exist" in capsys.readouterr().err
 
