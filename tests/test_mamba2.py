@@ -1,7 +1,6 @@
 """Mamba-2, Gated DeltaNet and hybrid backbones: causality per pattern, bidirectional mode, decode = forward,
 packing, init."""
 
-import math
 
 import jax
 import jax.numpy as jnp
