@@ -72,11 +72,7 @@ def _plot_rl(rl_runs, png_path):
     ax.set_ylabel(name)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  fig.tight_layout()
-  tmp = png_path + ".tmp.png"
-  fig.savefig(tmp, dpi=110)
-  plt.close(fig)
-  os.replace(tmp, png_path)
+  _save(fig, png_path)
 
 
 def compressor_table(data_dicts):
@@ -121,6 +117,12 @@ def _plot(curves, png_path):
     ax.set_ylabel(name)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+  _save(fig, png_path)
+
+
+def _save(fig, png_path):
+  """Write the figure atomically (a killed report leaves no half-written PNG) and close it."""
+  import matplotlib.pyplot as plt
   fig.tight_layout()
   tmp = png_path + ".tmp.png"
   fig.savefig(tmp, dpi=110)
